@@ -1,0 +1,45 @@
+"""The `lfm` command: one sub-command per question a user has."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lfm.errors import LFMError
+
+COMMANDS = ("train",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command."""
+    p = argparse.ArgumentParser(
+        prog="lfm",
+        description="Learning From Mistakes: data reweighting and differentiable NAS on PyTorch.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    import importlib
+
+    for name in COMMANDS:
+        importlib.import_module(f"lfm.cli.{name}").add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command; user errors print one line and exit with code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LFMError as e:
+        print(f"lfm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lfm: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

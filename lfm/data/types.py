@@ -1,0 +1,172 @@
+"""In-memory labelled sets and the batches drawn from them.
+
+Every data set here fits in memory (CIFAR-10 is 150 MB as uint8), so a split is a few
+tensors and a batch is an index into them: no loader workers, and augmentation runs on
+batched tensors on the training device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Split:
+    """One labelled set: inputs, (possibly noisy) labels, and where each example came from."""
+
+    x: torch.Tensor  # (N, ...) float32, or uint8 images (N, C, H, W)
+    y: torch.Tensor  # (N,) int64, the labels training sees (noise injected here)
+    origin: torch.Tensor  # (N,) int64, index of each example in the source data set
+    y_true: torch.Tensor | None = None  # (N,) int64 clean labels, where known
+
+    def __post_init__(self):
+        n = len(self.x)
+        if len(self.y) != n or len(self.origin) != n:
+            raise ValueError(f"split sizes differ: x {n}, y {len(self.y)}, origin {len(self.origin)}")
+        if self.y_true is not None and len(self.y_true) != n:
+            raise ValueError(f"split sizes differ: x {n}, y_true {len(self.y_true)}")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def noisy(self) -> torch.Tensor | None:
+        """(N,) bool: which labels were changed by noise injection (None if unknown)."""
+        return None if self.y_true is None else self.y != self.y_true
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        """The examples at positions `idx`, keeping their origin and clean labels."""
+        return Split(
+            self.x[idx],
+            self.y[idx],
+            self.origin[idx],
+            None if self.y_true is None else self.y_true[idx],
+        )
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        """Examples per (given) label."""
+        return torch.bincount(self.y, minlength=num_classes).tolist()
+
+    @staticmethod
+    def concat(a: Split, b: Split) -> Split:
+        """Two splits as one (e.g. train + clean validation)."""
+        yt = None if a.y_true is None or b.y_true is None else torch.cat([a.y_true, b.y_true])
+        return Split(
+            torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.origin, b.origin]), yt
+        )
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test splits of one task, plus how to prepare a batch for a model."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]  # per example, as the model sees it, e.g. (3, 32, 32) or (40,)
+    train: Split
+    val: Split
+    test: Split
+    # Maps a raw batch (on device) to model input; `train=True` adds augmentation.
+    prepare: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)  # how it was built: imbalance, noise, counts
+
+    def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Raw stored examples -> float model input (normalised, augmented when training)."""
+        if self.prepare is not None:
+            return self.prepare(x, train)
+        return x.float()
+
+
+@dataclass
+class Batch:
+    """A batch on the training device; `idx` is each example's position in its split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The example order of one epoch, a pure function of (seed, epoch) so that resume is exact."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Batches of one epoch, starting at batch `start` (for resuming mid-epoch)."""
+    order = epoch_order(len(split), seed, epoch, shuffle)
+    n = len(order)
+    stop = n - (n % batch_size) if drop_last else n
+    for s in range(start * batch_size, stop, batch_size):
+        idx = order[s : s + batch_size]
+        yield Batch(
+            split.x[idx].to(device, non_blocking=True),
+            split.y[idx].to(device, non_blocking=True),
+            idx.to(device, non_blocking=True),
+        )
+
+
+class Stream:
+    """An endless, resumable stream of batches over epochs (e.g. the validation iterator)."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        if len(split) == 0:
+            raise ValueError("cannot stream batches from an empty split")
+        self.split, self.batch_size, self.device, self.seed = split, batch_size, device, seed
+        self.drop_last = drop_last and len(split) >= batch_size
+        self.epoch, self.step = 0, 0
+        self._it: Iterator[Batch] | None = None
+
+    def batches_per_epoch(self) -> int:
+        """Batches in one pass over the split."""
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.step >= self.batches_per_epoch():
+            self.epoch, self.step, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._it = iterate_batches(
+                self.split, self.batch_size, device=self.device, seed=self.seed,
+                epoch=self.epoch, start=self.step, drop_last=self.drop_last,
+            )
+        self.step += 1
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        """Where the stream stands, for checkpoints."""
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position."""
+        self.epoch, self.step, self._it = int(state["epoch"]), int(state["step"]), None

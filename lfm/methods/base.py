@@ -1,0 +1,78 @@
+"""What every training method provides, so one trainer loop runs them all.
+
+A method owns its learners and their optimizers; the trainer owns the data order, the
+schedule, evaluation, checkpoints and the results file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lfm.data.types import Batch, DataBundle, Stream
+from lfm.registry import Registry
+from lfm.train.optim import OptimConfig
+
+
+@dataclass
+class Context:
+    """Everything a method may read while it trains; built once per run by the trainer."""
+
+    bundle: DataBundle
+    device: torch.device
+    new_model: Callable[[], nn.Module]  # a fresh, initialised classifier on `device`
+    val_stream: Stream  # endless batches of the clean validation set
+    steps_per_epoch: int
+    total_steps: int
+    lr_factor: Callable[[int], float]  # schedule multiplier at a global step
+    optim: OptimConfig  # the learners' optimizer settings
+    seed: int = 0
+    step: int = 0  # global step of the batch being processed
+    epoch: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+
+    def lr_at(self, base_lr: float) -> float:
+        """`base_lr` under the run's schedule at the current step."""
+        return base_lr * self.lr_factor(self.step)
+
+
+class Method:
+    """One way of training a classifier (plain CE, focal, LFM-DR, ...)."""
+
+    name: str = "method"
+    train_on: str = "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
+
+    def setup(self, ctx: Context) -> None:
+        """Create learners, optimizers and per-example state."""
+        raise NotImplementedError
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One training iteration on `batch`; returns scalars worth logging (e.g. loss)."""
+        raise NotImplementedError
+
+    def models(self) -> dict[str, nn.Module]:
+        """The learners to evaluate, by the name the results use (e.g. {"W1": .., "W2": ..})."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (tensors, numbers, nested dicts only)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        raise NotImplementedError
+
+    def per_example(self) -> dict[str, np.ndarray]:
+        """Per-training-example arrays worth saving (e.g. learned weights `b`, last `a`)."""
+        return {}
+
+    def on_epoch_end(self, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Called after each epoch (e.g. to snapshot weights)."""
+
+
+METHODS: Registry[Method] = Registry("method")

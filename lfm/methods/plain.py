@@ -1,0 +1,81 @@
+"""Plain training baselines: one learner, one per-example loss, mean over the batch.
+
+`ce`, `focal` and `cb` train on the (noisy, imbalanced) training set. The two honest
+controls the paper leaves out, since every meta-method also sees the clean validation set:
+`ce-clean` trains on the clean validation set alone, `ce-all` on train + clean set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfm.data.types import Batch
+from lfm.errors import LFMError
+from lfm.losses import LOSSES
+from lfm.methods.base import METHODS, Context, Method
+from lfm.train.optim import make_optimizer, set_lr
+
+
+class PlainMethod(Method):
+    """Minimise the mean of a per-example loss with the run's optimizer."""
+
+    def __init__(self, loss: str = "ce", train_on: str = "train", name: str = "ce"):
+        self.loss_name, self.train_on, self.name = loss, train_on, name
+
+    def setup(self, ctx: Context) -> None:
+        """One model, its optimizer, and the loss built from the training class counts."""
+        opts = dict(ctx.options)
+        loss_name = opts.pop("loss", self.loss_name)
+        counts = ctx.bundle.train.class_counts(ctx.bundle.num_classes)
+        self.loss_fn = LOSSES.create(loss_name, counts, **opts)
+        self.model = ctx.new_model()
+        self.opt = make_optimizer(self.model.parameters(), ctx.optim)
+        self.clip = ctx.optim.grad_clip
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One gradient step on the batch's mean loss."""
+        set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
+        logits = self.model(ctx.bundle.inputs(batch.x, train=True))
+        loss = self.loss_fn(logits, batch.y).mean()
+        if not torch.isfinite(loss):
+            raise LFMError(
+                f"the training loss became {loss.item()} at step {ctx.step}",
+                "lower --lr, or check the data for NaN values",
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        return {"loss": loss.item()}
+
+    def models(self) -> dict[str, nn.Module]:
+        """The single learner, named `model`."""
+        return {"model": self.model}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore model and optimizer state."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+
+METHODS.register("ce", "cross-entropy on the training set")(lambda: PlainMethod("ce", "train", "ce"))
+METHODS.register("focal", "focal loss on the training set")(
+    lambda: PlainMethod("focal", "train", "focal")
+)
+METHODS.register("cb", "class-balanced loss on the training set")(
+    lambda: PlainMethod("cb", "train", "cb")
+)
+METHODS.register("ce-clean", "cross-entropy on the clean validation set alone")(
+    lambda: PlainMethod("ce", "val", "ce-clean")
+)
+METHODS.register("ce-all", "cross-entropy on train + clean validation set")(
+    lambda: PlainMethod("ce", "train+val", "ce-all")
+)

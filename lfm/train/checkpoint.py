@@ -1,0 +1,118 @@
+"""Checkpoints that survive being killed: written atomically, loaded without running code.
+
+A checkpoint is a nested dict of tensors, numbers, strings, lists and tuples, so
+`torch.load(weights_only=True)` can read it and a tampered file cannot execute anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lfm.errors import LFMError
+
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a temp file, fsync and rename."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_load(path: Path) -> Any:
+    """Load a checkpoint with `weights_only=True`; a file that is not one is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LFMError(f"checkpoint {path} does not exist", "check the path or drop --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LFMError(
+            f"checkpoint {path} is corrupt or not a plain-data checkpoint ({first[:160]})",
+            "delete it to start over, or point --resume at another checkpoint",
+        ) from e
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch RNG states as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointDir:
+    """`ckpt-<step>.pt` files in one folder; the newest complete one is the resume point."""
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """Existing checkpoints, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Write a checkpoint for `step` atomically and drop all but the newest `keep`."""
+        path = self.folder / f"ckpt-{step:09d}.pt"
+        atomic_torch_save(state, path)
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint's contents, or None when there is none."""
+        paths = self.paths()
+        return safe_load(paths[-1]) if paths else None

@@ -1,0 +1,280 @@
+"""One loop for every method: data order, schedule, evaluation, checkpoints, results.
+
+Model selection uses the validation set only: each epoch's validation accuracy picks the
+"selected" epoch; the test set is reported at the last epoch and at that epoch, never used
+to choose anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lfm.config import RunConfig
+from lfm.data.types import DataBundle, Split, Stream, iterate_batches
+from lfm.device import resolve_device, seed_everything
+from lfm.errors import LFMError
+from lfm.methods.base import METHODS, Context, Method
+from lfm.train.checkpoint import CheckpointDir, atomic_write_bytes, rng_state, set_rng_state
+from lfm.train.evaluate import evaluate
+from lfm.train.optim import lr_factor_fn
+
+RESULTS = "results.json"
+PER_EXAMPLE = "per_example.npz"
+
+
+def training_split(bundle: DataBundle, train_on: str) -> Split:
+    """The data a method trains on: train, the clean validation set, or both."""
+    if train_on == "train":
+        return bundle.train
+    if train_on == "val":
+        return bundle.val
+    if train_on == "train+val":
+        return Split.concat(bundle.train, bundle.val)
+    raise ValueError(f"unknown train_on {train_on!r}")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the process peak, a ceiling on what the run needed.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _select_on_validation(history: list[dict], name: str) -> dict:
+    """The epoch with the best validation accuracy of learner `name` (first one on ties)."""
+    best = max(history, key=lambda h: (h["val"][name], -h["epoch"]))
+    return {"epoch": best["epoch"], "val_acc": best["val"][name], "test_acc": best["test"][name]}
+
+
+class Trainer:
+    """Runs `method` under `cfg`; `bundle` and `model_factory` may be given by API users."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        bundle: DataBundle | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
+        method: Method | None = None,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        if bundle is None:
+            from lfm.data.build import build_data
+
+            bundle = build_data(cfg.data)
+        self.bundle = bundle
+        self.method = method if method is not None else METHODS.create(cfg.method)
+        self.out = Path(cfg.out) if cfg.out else None
+        if model_factory is None:
+            from lfm.models import create_model
+
+            def model_factory() -> nn.Module:
+                return create_model(
+                    cfg.model.name, bundle.num_classes, bundle.input_shape,
+                    **cfg.model.kwargs, **({"weights": cfg.model.weights} if cfg.model.weights else {}),
+                )
+
+        factory = model_factory
+        self.split = training_split(bundle, self.method.train_on)
+        if len(self.split) == 0:
+            raise LFMError("the training split is empty", "check --val-per-class and --imbalance")
+        spe = max(1, math.ceil(len(self.split) / cfg.batch_size))
+        total = spe * cfg.epochs
+        self.ctx = Context(
+            bundle=bundle,
+            device=self.device,
+            new_model=lambda: factory().to(self.device),
+            val_stream=Stream(bundle.val, cfg.batch_size, device=self.device, seed=cfg.seed + 1),
+            steps_per_epoch=spe,
+            total_steps=total,
+            lr_factor=lr_factor_fn(cfg.optim, spe, total),
+            optim=cfg.optim,
+            seed=cfg.seed,
+            options=dict(cfg.method_options),
+        )
+        self.method.setup(self.ctx)
+        self.history: list[dict] = []
+        self._last_eval: tuple[dict, dict] | None = None
+        self.train_seconds = 0.0
+        self.ckpt = CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The whole run: method, position, history, RNG."""
+        return {
+            "method": self.method.state_dict(),
+            "step": self.ctx.step,
+            "epoch": self.ctx.epoch,
+            "val_stream": self.ctx.val_stream.state_dict(),
+            "history": json.dumps(self.history),
+            "train_seconds": self.train_seconds,
+            "rng": rng_state(),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run from `state_dict`'s output."""
+        saved = json.loads(state["config"])
+        mine = json.loads(json.dumps(asdict(self.cfg)))
+        for key in ("method", "data", "model", "batch_size", "seed"):
+            if saved.get(key) != mine.get(key):
+                raise LFMError(
+                    f"the checkpoint in {self.out} was made with a different {key!r}",
+                    "use a new --out folder, or run the same command as before to resume",
+                )
+        self.method.load_state_dict(state["method"])
+        self.ctx.step, self.ctx.epoch = int(state["step"]), int(state["epoch"])
+        self.ctx.val_stream.load_state_dict(state["val_stream"])
+        self.history = json.loads(state["history"])
+        self.train_seconds = float(state["train_seconds"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        """Write a checkpoint for the current step (rank 0 only, when there is an out folder)."""
+        if self.ckpt is not None:
+            self.ckpt.save(self.state_dict(), self.ctx.step)
+
+    def try_resume(self) -> bool:
+        """Load the newest checkpoint in the out folder, if any."""
+        if self.ckpt is None or not self.cfg.resume:
+            return False
+        state = self.ckpt.latest()
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    # -- the loop ------------------------------------------------------------------------
+    def evaluate_all(self, split: Split) -> dict[str, dict]:
+        """Metrics of every learner of the method on `split`."""
+        return {n: evaluate(m, self.bundle, split, self.device) for n, m in self.method.models().items()}
+
+    def _record(self, epoch: float, logs: dict[str, float]) -> None:
+        """Evaluate every learner on validation and test and append to the history."""
+        val, test = self.evaluate_all(self.bundle.val), self.evaluate_all(self.bundle.test)
+        self.history.append({
+            "epoch": epoch, "step": self.ctx.step,
+            "train": {k: float(v) for k, v in logs.items()},
+            "val": {n: m["acc"] for n, m in val.items()},
+            "test": {n: m["acc"] for n, m in test.items()},
+        })
+        self._last_eval = (val, test)
+
+    def run(self) -> dict:
+        """Train to the end (resuming if a checkpoint exists) and return the results."""
+        cfg, ctx = self.cfg, self.ctx
+        resumed = self.try_resume()
+        spe = ctx.steps_per_epoch
+        bar = _progress(cfg.progress, ctx.total_steps, ctx.step, f"{self.method.name}")
+        logs: dict[str, float] = {}
+        while ctx.epoch < cfg.epochs:
+            start_in_epoch = ctx.step - ctx.epoch * spe
+            stopping = False
+            t0 = time.perf_counter()
+            for batch in iterate_batches(
+                self.split, cfg.batch_size, device=self.device, seed=cfg.seed,
+                epoch=ctx.epoch, start=start_in_epoch,
+            ):
+                logs = self.method.step(batch, ctx)
+                ctx.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]}, refresh=False)
+                stopping = bool(cfg.max_steps and ctx.step >= cfg.max_steps)
+                if stopping or (cfg.checkpoint_every and ctx.step % cfg.checkpoint_every == 0):
+                    self.train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+                if stopping:
+                    break
+            self.train_seconds += time.perf_counter() - t0
+            if stopping and ctx.step < (ctx.epoch + 1) * spe:
+                # Stopped mid-epoch: evaluate for the results, but leave the epoch open so
+                # that a later run resumes inside it.
+                self._record(ctx.epoch + (ctx.step - ctx.epoch * spe) / spe, logs)
+                break
+            ctx.epoch += 1
+            self.method.on_epoch_end(ctx)
+            if ctx.epoch % cfg.eval_every == 0 or ctx.epoch == cfg.epochs or stopping:
+                self._record(ctx.epoch, logs)
+            self.save_checkpoint()
+            if stopping:
+                break
+        if bar is not None:
+            bar.close()
+        return self.finish(resumed)
+
+    def finish(self, resumed: bool) -> dict:
+        """Assemble the results, write results.json and per_example.npz."""
+        if not self.history:
+            raise LFMError("the run ended before its first evaluation", "train for at least one epoch")
+        if self._last_eval is None:  # resumed a finished run: nothing evaluated in this process
+            self._last_eval = (self.evaluate_all(self.bundle.val), self.evaluate_all(self.bundle.test))
+        val, test = self._last_eval
+        names = list(self.method.models())
+        results = {
+            "status": "complete",
+            "method": self.method.name,
+            "dataset": self.bundle.name,
+            "seed": self.cfg.seed,
+            "config": asdict(self.cfg),
+            "data": self.bundle.info,
+            "history": self.history,
+            "last": {n: {"epoch": self.history[-1]["epoch"], "val_acc": val[n]["acc"],
+                         "test_acc": test[n]["acc"], "test_per_class_acc": test[n]["per_class_acc"],
+                         "test_confusion": test[n]["confusion"]} for n in names},
+            "selected": {n: _select_on_validation(self.history, n) for n in names},
+            "timing": {
+                "train_seconds": round(self.train_seconds, 3),
+                "sec_per_iter": self.train_seconds / max(self.ctx.step, 1),
+                "steps": self.ctx.step,
+                "peak_mem_mb": round(_peak_memory_mb(self.device), 1),
+                "device": str(self.device),
+                "resumed": resumed,
+            },
+        }
+        if self.out is not None:
+            self.write(results)
+        return results
+
+    def write(self, results: dict) -> None:
+        """results.json and the per-example arrays, both written atomically."""
+        atomic_write_bytes(self.out / RESULTS, json.dumps(results, indent=1).encode())
+        arrays = {k: np.asarray(v) for k, v in self.method.per_example().items()}
+        train = self.bundle.train
+        arrays.update(index=np.arange(len(train)), origin=train.origin.numpy(), label=train.y.numpy())
+        if train.y_true is not None:
+            arrays.update(true_label=train.y_true.numpy(), noisy=train.noisy.numpy())
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(self.out / PER_EXAMPLE, buf.getvalue())
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def train(cfg: RunConfig, **kwargs) -> dict:
+    """Build everything `cfg` names, train, and return the results dict."""
+    return Trainer(cfg, **kwargs).run()
