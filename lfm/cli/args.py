@@ -14,18 +14,41 @@ from lfm.errors import LFMError
 
 # flag dest -> (section, field) in RunConfig
 _DATA = {
-    "dataset": "dataset", "data_root": "root", "val_per_class": "val_per_class",
-    "val_fraction": "val_fraction", "imbalance": "imbalance",
-    "imbalance_convention": "imbalance_convention", "noise": "noise",
-    "mnist1d_samples": "mnist1d_samples", "image_size": "image_size", "label_from": "label_from",
+    "dataset": "dataset",
+    "data_root": "root",
+    "val_per_class": "val_per_class",
+    "val_fraction": "val_fraction",
+    "imbalance": "imbalance",
+    "imbalance_convention": "imbalance_convention",
+    "noise": "noise",
+    "mnist1d_samples": "mnist1d_samples",
+    "image_size": "image_size",
+    "label_from": "label_from",
 }
 _OPTIM = {
-    "optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "nesterov": "nesterov",
-    "weight_decay": "weight_decay", "schedule": "schedule", "milestones": "milestones",
-    "gamma_lr": "gamma", "warmup_epochs": "warmup_epochs", "grad_clip": "grad_clip",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "momentum": "momentum",
+    "nesterov": "nesterov",
+    "weight_decay": "weight_decay",
+    "schedule": "schedule",
+    "milestones": "milestones",
+    "gamma_lr": "gamma",
+    "warmup_epochs": "warmup_epochs",
+    "grad_clip": "grad_clip",
 }
-_TOP = ("method", "epochs", "batch_size", "seed", "device", "out", "eval_every",
-        "checkpoint_every", "keep_checkpoints", "max_steps")
+_TOP = (
+    "method",
+    "epochs",
+    "batch_size",
+    "seed",
+    "device",
+    "out",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_steps",
+)
 
 
 def parse_value(text: str) -> Any:
@@ -50,21 +73,56 @@ def parse_options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -> None:
-    """Add the data, model, optimizer and run flags. Defaults are None: unset flags do not override."""
+    """Add the data, model, optimizer and run flags (default None: unset flags override nothing)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits (default), mnist1d, cifar10, cifar100 or imagefolder")
-    g.add_argument("--data-root", help="local folder holding CIFAR (python format) or an image folder")
-    g.add_argument("--val-per-class", type=int, help="clean validation examples per class taken out of train (default 10)")
-    g.add_argument("--val-fraction", type=float, help="instead, this random fraction of train as validation (0.5 = NAS split)")
-    g.add_argument("--imbalance", type=float, help="long-tail imbalance factor >= 1 (largest / smallest class); 1 = balanced")
-    g.add_argument("--imbalance-convention", choices=["mwnet", "cb"], help="mwnet: largest class = per-class train size minus the meta set; cb: 5000")
-    g.add_argument("--noise", help="label noise: none, uniform:P, uniform-exact:P, flip:P, flip2:P or matrix:FILE")
-    g.add_argument("--mnist1d-samples", type=int, help="MNIST-1D examples to generate (80%% train, 20%% test)")
+    g.add_argument(
+        "--data-root", help="local folder holding CIFAR (python format) or an image folder"
+    )
+    g.add_argument(
+        "--val-per-class",
+        type=int,
+        help="clean validation examples per class taken out of train (default 10)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        help="instead, this random fraction of train as validation (0.5 = NAS split)",
+    )
+    g.add_argument(
+        "--imbalance",
+        type=float,
+        help="long-tail imbalance factor >= 1 (largest / smallest class); 1 = balanced",
+    )
+    g.add_argument(
+        "--imbalance-convention",
+        choices=["mwnet", "cb"],
+        help="mwnet: largest class = per-class train size minus the meta set; cb: 5000",
+    )
+    g.add_argument(
+        "--noise",
+        help="label noise: none, uniform:P, uniform-exact:P, flip:P, flip2:P or matrix:FILE",
+    )
+    g.add_argument(
+        "--mnist1d-samples", type=int, help="MNIST-1D examples to generate (80%% train, 20%% test)"
+    )
     g.add_argument("--image-size", type=int, help="image-folder images are resized to this side")
-    g.add_argument("--label-from", choices=["folder", "filename"], help="image folder labels: sub-folder names, or the leading number of each file name (ANIMAL-10N)")
+    g.add_argument(
+        "--label-from",
+        choices=["folder", "filename"],
+        help="image folder labels: sub-folder names, or file names' leading number (ANIMAL-10N)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="classifier architecture, e.g. mlp, cnn, cnn1d, resnet32, wrn28_10, vgg19_bn, resnet18")
-    g.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
+    g.add_argument(
+        "--model",
+        help="classifier, e.g. mlp, cnn, cnn1d, resnet32, wrn28_10, vgg19_bn, resnet18",
+    )
+    g.add_argument(
+        "--model-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model constructor option (repeatable)",
+    )
     g.add_argument("--weights", help="local torchvision-format state dict for the ImageNet ResNets")
     g = p.add_argument_group("optimizer")
     g.add_argument("--preset", help="optimizer preset: dr-paper, darts, cpu-sgd or adam")
@@ -73,23 +131,38 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
     g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     g.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], help="learning-rate schedule")
-    g.add_argument("--milestones", type=lambda s: tuple(float(v) for v in s.split(",")), help="step schedule: epochs at which lr is multiplied by --gamma-lr, e.g. 80,90")
+    g.add_argument(
+        "--schedule", choices=["constant", "step", "cosine"], help="learning-rate schedule"
+    )
+    g.add_argument(
+        "--milestones",
+        type=lambda s: tuple(float(v) for v in s.split(",")),
+        help="step schedule: epochs at which lr is multiplied by --gamma-lr, e.g. 80,90",
+    )
     g.add_argument("--gamma-lr", type=float, help="step schedule factor (default 0.1)")
     g.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm of the learners")
     g = p.add_argument_group("run")
     if methods is not None:
         g.add_argument("--method", help=f"training method: {', '.join(methods)}")
-    g.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. gamma=2 for focal, beta=0.999 for cb (repeatable)")
+    g.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option, e.g. gamma=2 for focal, beta=0.999 for cb (repeatable)",
+    )
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--batch-size", type=int, help="examples per batch (default 100)")
     g.add_argument("--seed", type=int, help="seed of splits, noise, initialisation and order")
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--out", help="run folder for results.json, per-example arrays and checkpoints")
-    g.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    g.add_argument(
+        "--no-resume", action="store_true", help="ignore checkpoints in --out and start over"
+    )
     g.add_argument("--eval-every", type=int, help="epochs between evaluations")
-    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = each epoch end)")
+    g.add_argument(
+        "--checkpoint-every", type=int, help="steps between checkpoints (0 = each epoch end)"
+    )
     g.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep")
     g.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,6 +182,8 @@ def run_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None)
     for dest, key in _DATA.items():
         if v.get(dest) is not None:
             tree["data"][key] = v[dest]
+    if v.get("val_fraction") and v.get("val_per_class") is None:
+        tree["data"]["val_per_class"] = 0  # a fraction replaces the per-class meta set
     for dest, key in _OPTIM.items():
         if v.get(dest) is not None:
             tree["optim"][key] = v[dest]
@@ -118,11 +193,17 @@ def run_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None)
     if v.get("model"):
         tree["model"]["name"] = v["model"]
     if v.get("model_opt"):
-        tree["model"]["kwargs"] = {**tree["model"].get("kwargs", {}), **parse_options(v["model_opt"], "--model-opt")}
+        tree["model"]["kwargs"] = {
+            **tree["model"].get("kwargs", {}),
+            **parse_options(v["model_opt"], "--model-opt"),
+        }
     if v.get("weights"):
         tree["model"]["weights"] = v["weights"]
     if v.get("opt"):
-        tree["method_options"] = {**tree.get("method_options", {}), **parse_options(v["opt"], "--opt")}
+        tree["method_options"] = {
+            **tree.get("method_options", {}),
+            **parse_options(v["opt"], "--opt"),
+        }
     if v.get("no_resume"):
         tree["resume"] = False
     if v.get("no_progress"):

@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lfm: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        print(
+            "lfm: interrupted; re-run the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

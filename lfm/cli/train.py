@@ -17,8 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `lfm train`."""
     p = sub.add_parser("train", help=HELP, description=HELP + ".")
     add_run_args(p, methods=METHODS.names())
-    p.add_argument("--loss", choices=["ce", "focal", "cb"], help="shorthand for --method ce|focal|cb")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument(
+        "--loss", choices=["ce", "focal", "cb"], help="shorthand for --method ce|focal|cb"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
     p.set_defaults(func=run)
 
 

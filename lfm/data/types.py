@@ -25,7 +25,9 @@ class Split:
     def __post_init__(self):
         n = len(self.x)
         if len(self.y) != n or len(self.origin) != n:
-            raise ValueError(f"split sizes differ: x {n}, y {len(self.y)}, origin {len(self.origin)}")
+            raise ValueError(
+                f"split sizes differ: x {n}, y {len(self.y)}, origin {len(self.origin)}"
+            )
         if self.y_true is not None and len(self.y_true) != n:
             raise ValueError(f"split sizes differ: x {n}, y_true {len(self.y_true)}")
 
@@ -157,8 +159,13 @@ class Stream:
             self.epoch, self.step, self._it = self.epoch + 1, 0, None
         if self._it is None:
             self._it = iterate_batches(
-                self.split, self.batch_size, device=self.device, seed=self.seed,
-                epoch=self.epoch, start=self.step, drop_last=self.drop_last,
+                self.split,
+                self.batch_size,
+                device=self.device,
+                seed=self.seed,
+                epoch=self.epoch,
+                start=self.step,
+                drop_last=self.drop_last,
             )
         self.step += 1
         return next(self._it)

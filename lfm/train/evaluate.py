@@ -44,8 +44,6 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int)
     }
 
 
-def evaluate(
-    model: nn.Module, bundle: DataBundle, split: Split, device: torch.device
-) -> dict:
+def evaluate(model: nn.Module, bundle: DataBundle, split: Split, device: torch.device) -> dict:
     """Metrics of `model` on `split` (labels as stored; for test and validation these are clean)."""
     return metrics_from_logits(predict(model, bundle, split, device), split.y, bundle.num_classes)

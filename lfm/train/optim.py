@@ -37,9 +37,13 @@ class OptimConfig:
         if not 0 <= self.momentum < 1:
             raise LFMError(f"optim.momentum must be in [0, 1), got {self.momentum}", "use e.g. 0.9")
         if self.weight_decay < 0:
-            raise LFMError(f"optim.weight_decay must be >= 0, got {self.weight_decay}", "use e.g. 5e-4")
+            raise LFMError(
+                f"optim.weight_decay must be >= 0, got {self.weight_decay}", "use e.g. 5e-4"
+            )
         if self.schedule not in SCHEDULES:
-            raise LFMError(f"optim.schedule {self.schedule!r} is unknown", f"use one of {SCHEDULES}")
+            raise LFMError(
+                f"optim.schedule {self.schedule!r} is unknown", f"use one of {SCHEDULES}"
+            )
         if not 0 < self.gamma <= 1:
             raise LFMError(f"optim.gamma must be in (0, 1], got {self.gamma}", "use e.g. 0.1")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -47,7 +51,8 @@ class OptimConfig:
 
 
 PRESETS: dict[str, OptimConfig] = {
-    # Tables VI-VIII (ResNet-32 / WRN-28-10, 100 epochs): SGD 0.1, momentum 0.9, wd 5e-4, /10 at 80, 90.
+    # Tables VI-VIII (ResNet-32 / WRN-28-10, 100 epochs): SGD 0.1, momentum 0.9, wd 5e-4,
+    # lr /10 at epochs 80 and 90.
     "dr-paper": OptimConfig("sgd", 0.1, 0.9, False, 5e-4, "step", (80, 90), 0.1),
     # DARTS weights: SGD 0.025 cosine, momentum 0.9, wd 3e-4, clip 5.
     "darts": OptimConfig("sgd", 0.025, 0.9, False, 3e-4, "cosine", (), 0.1, 0.0, 5.0),
@@ -63,12 +68,17 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> to
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
 
 
-def lr_factor_fn(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+def lr_factor_fn(
+    cfg: OptimConfig, steps_per_epoch: int, total_steps: int
+) -> Callable[[int], float]:
     """A pure function step -> lr multiplier, so that a resumed run sees the same schedule."""
     warm = cfg.warmup_epochs * steps_per_epoch
     bounds = sorted(m * steps_per_epoch for m in cfg.milestones)

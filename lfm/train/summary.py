@@ -11,14 +11,16 @@ def results_rows(results: dict) -> list[dict]:
     for name, last in results["last"].items():
         sel = results["selected"][name]
         label = results["method"] if len(results["last"]) == 1 else f"{results['method']} {name}"
-        rows.append({
-            "method": label,
-            "test_last": last["test_acc"],
-            "val_last": last["val_acc"],
-            "test_sel": sel["test_acc"],
-            "sel_epoch": sel["epoch"],
-            "sec_per_iter": results["timing"]["sec_per_iter"],
-        })
+        rows.append(
+            {
+                "method": label,
+                "test_last": last["test_acc"],
+                "val_last": last["val_acc"],
+                "test_sel": sel["test_acc"],
+                "sel_epoch": sel["epoch"],
+                "sec_per_iter": results["timing"]["sec_per_iter"],
+            }
+        )
     return rows
 
 
@@ -26,9 +28,16 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     """A fixed-width table; columns are (key, header, format spec)."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append([format(r[k], f) if isinstance(r[k], int | float) else str(r[k]) for k, _, f in columns])
+        cells.append(
+            [format(r[k], f) if isinstance(r[k], int | float) else str(r[k]) for k, _, f in columns]
+        )
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def line(row: list[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        pairs = enumerate(zip(row, widths, strict=True))
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in pairs)
+
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
 
 

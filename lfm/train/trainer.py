@@ -84,8 +84,11 @@ class Trainer:
 
             def model_factory() -> nn.Module:
                 return create_model(
-                    cfg.model.name, bundle.num_classes, bundle.input_shape,
-                    **cfg.model.kwargs, **({"weights": cfg.model.weights} if cfg.model.weights else {}),
+                    cfg.model.name,
+                    bundle.num_classes,
+                    bundle.input_shape,
+                    **cfg.model.kwargs,
+                    **({"weights": cfg.model.weights} if cfg.model.weights else {}),
                 )
 
         factory = model_factory
@@ -110,7 +113,9 @@ class Trainer:
         self.history: list[dict] = []
         self._last_eval: tuple[dict, dict] | None = None
         self.train_seconds = 0.0
-        self.ckpt = CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
+        self.ckpt = (
+            CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
+        )
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -161,17 +166,22 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def evaluate_all(self, split: Split) -> dict[str, dict]:
         """Metrics of every learner of the method on `split`."""
-        return {n: evaluate(m, self.bundle, split, self.device) for n, m in self.method.models().items()}
+        return {
+            n: evaluate(m, self.bundle, split, self.device) for n, m in self.method.models().items()
+        }
 
     def _record(self, epoch: float, logs: dict[str, float]) -> None:
         """Evaluate every learner on validation and test and append to the history."""
         val, test = self.evaluate_all(self.bundle.val), self.evaluate_all(self.bundle.test)
-        self.history.append({
-            "epoch": epoch, "step": self.ctx.step,
-            "train": {k: float(v) for k, v in logs.items()},
-            "val": {n: m["acc"] for n, m in val.items()},
-            "test": {n: m["acc"] for n, m in test.items()},
-        })
+        self.history.append(
+            {
+                "epoch": epoch,
+                "step": self.ctx.step,
+                "train": {k: float(v) for k, v in logs.items()},
+                "val": {n: m["acc"] for n, m in val.items()},
+                "test": {n: m["acc"] for n, m in test.items()},
+            }
+        )
         self._last_eval = (val, test)
 
     def run(self) -> dict:
@@ -186,14 +196,20 @@ class Trainer:
             stopping = False
             t0 = time.perf_counter()
             for batch in iterate_batches(
-                self.split, cfg.batch_size, device=self.device, seed=cfg.seed,
-                epoch=ctx.epoch, start=start_in_epoch,
+                self.split,
+                cfg.batch_size,
+                device=self.device,
+                seed=cfg.seed,
+                epoch=ctx.epoch,
+                start=start_in_epoch,
             ):
                 logs = self.method.step(batch, ctx)
                 ctx.step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]}, refresh=False)
+                    bar.set_postfix(
+                        {k: f"{v:.3g}" for k, v in list(logs.items())[:3]}, refresh=False
+                    )
                 stopping = bool(cfg.max_steps and ctx.step >= cfg.max_steps)
                 if stopping or (cfg.checkpoint_every and ctx.step % cfg.checkpoint_every == 0):
                     self.train_seconds += time.perf_counter() - t0
@@ -221,9 +237,14 @@ class Trainer:
     def finish(self, resumed: bool) -> dict:
         """Assemble the results, write results.json and per_example.npz."""
         if not self.history:
-            raise LFMError("the run ended before its first evaluation", "train for at least one epoch")
+            raise LFMError(
+                "the run ended before its first evaluation", "train for at least one epoch"
+            )
         if self._last_eval is None:  # resumed a finished run: nothing evaluated in this process
-            self._last_eval = (self.evaluate_all(self.bundle.val), self.evaluate_all(self.bundle.test))
+            self._last_eval = (
+                self.evaluate_all(self.bundle.val),
+                self.evaluate_all(self.bundle.test),
+            )
         val, test = self._last_eval
         names = list(self.method.models())
         results = {
@@ -234,9 +255,16 @@ class Trainer:
             "config": asdict(self.cfg),
             "data": self.bundle.info,
             "history": self.history,
-            "last": {n: {"epoch": self.history[-1]["epoch"], "val_acc": val[n]["acc"],
-                         "test_acc": test[n]["acc"], "test_per_class_acc": test[n]["per_class_acc"],
-                         "test_confusion": test[n]["confusion"]} for n in names},
+            "last": {
+                n: {
+                    "epoch": self.history[-1]["epoch"],
+                    "val_acc": val[n]["acc"],
+                    "test_acc": test[n]["acc"],
+                    "test_per_class_acc": test[n]["per_class_acc"],
+                    "test_confusion": test[n]["confusion"],
+                }
+                for n in names
+            },
             "selected": {n: _select_on_validation(self.history, n) for n in names},
             "timing": {
                 "train_seconds": round(self.train_seconds, 3),
@@ -256,7 +284,9 @@ class Trainer:
         atomic_write_bytes(self.out / RESULTS, json.dumps(results, indent=1).encode())
         arrays = {k: np.asarray(v) for k, v in self.method.per_example().items()}
         train = self.bundle.train
-        arrays.update(index=np.arange(len(train)), origin=train.origin.numpy(), label=train.y.numpy())
+        arrays.update(
+            index=np.arange(len(train)), origin=train.origin.numpy(), label=train.y.numpy()
+        )
         if train.y_true is not None:
             arrays.update(true_label=train.y_true.numpy(), noisy=train.noisy.numpy())
         import io
@@ -271,8 +301,15 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False,
-                dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 def train(cfg: RunConfig, **kwargs) -> dict:

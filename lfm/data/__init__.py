@@ -1,0 +1,39 @@
+"""Data: offline built-in sets, local CIFAR and image folders, splits, imbalance, label noise."""
+
+from lfm.data.augment import ImagePrepare, normalize, random_crop_flip
+from lfm.data.build import DATASETS, build_data
+from lfm.data.builtin import RawData
+from lfm.data.cifar import load_cifar, read_cifar_batch, safe_load_pickle
+from lfm.data.config import DataConfig
+from lfm.data.longtail import longtail_counts, longtail_counts_for, subsample_longtail
+from lfm.data.noise import NoiseSpec, inject_noise, parse_noise, transition_matrix
+from lfm.data.splits import random_fraction, stratified_fraction, take_per_class
+from lfm.data.types import Batch, DataBundle, Split, Stream, iterate_batches
+
+__all__ = [
+    "DATASETS",
+    "Batch",
+    "DataBundle",
+    "DataConfig",
+    "ImagePrepare",
+    "NoiseSpec",
+    "RawData",
+    "Split",
+    "Stream",
+    "build_data",
+    "inject_noise",
+    "iterate_batches",
+    "load_cifar",
+    "longtail_counts",
+    "longtail_counts_for",
+    "normalize",
+    "parse_noise",
+    "random_crop_flip",
+    "random_fraction",
+    "read_cifar_batch",
+    "safe_load_pickle",
+    "stratified_fraction",
+    "subsample_longtail",
+    "take_per_class",
+    "transition_matrix",
+]
