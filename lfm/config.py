@@ -60,7 +60,11 @@ class RunConfig:
         self.optim.validate()
         for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise LFMError(f"{name} must be >= 1, got {getattr(self, name)}", f"pass a positive {name}")
+                raise LFMError(
+                    f"{name} must be >= 1, got {getattr(self, name)}", f"pass a positive {name}"
+                )
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; larger ones overflow torch's
+            raise LFMError(f"seed must be in [0, 2**32), got {self.seed}", "pass e.g. --seed 0")
         if self.checkpoint_every < 0:
             raise LFMError("checkpoint_every must be >= 0", "use 0 for epoch ends only")
         if self.max_steps is not None and self.max_steps < 1:
@@ -89,14 +93,19 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys and bad types name the field."""
     if not isinstance(data, dict):
-        raise LFMError(f"config section {where or 'top level'!r} must be a mapping", "check the YAML indentation")
+        raise LFMError(
+            f"config section {where or 'top level'!r} must be a mapping",
+            "check the YAML indentation",
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise LFMError(f"unknown config field {path!r}", f"valid fields here: {', '.join(sorted(names))}")
+            raise LFMError(
+                f"unknown config field {path!r}", f"valid fields here: {', '.join(sorted(names))}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, path)
@@ -120,16 +129,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise LFMError(f"config file {p} does not exist", "check the --config path")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise LFMError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix the syntax") from e
+        raise LFMError(
+            f"config file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix the syntax"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise LFMError(
+            f"config file {p} is not valid YAML: not UTF-8 text ({e.reason} at byte {e.start})",
+            "give a YAML text file",
+        ) from None
     if not isinstance(data, dict):
-        raise LFMError(f"config file {p} must hold a mapping at the top level", "write `key: value` lines")
+        raise LFMError(
+            f"config file {p} must hold a mapping at the top level", "write `key: value` lines"
+        )
+    sections = {"data": data, "model": data, "optim": data, "method_options": data}
+    sections["kwargs"] = data.get("model") if isinstance(data.get("model"), dict) else {}
+    for key, parent in sections.items():
+        if key in parent and not isinstance(parent[key], dict):
+            where = "model.kwargs" if key == "kwargs" else key
+            raise LFMError(
+                f"config section {where!r} must be a mapping, got {parent[key]!r} (in {p})",
+                "write it as indented `key: value` lines",
+            )
     return data
 
 
 def optim_preset(name: str) -> OptimConfig:
     """A copy of a named optimizer preset."""
     if name not in OPTIM_PRESETS:
-        raise LFMError(f"unknown optimizer preset {name!r}", f"choose one of {', '.join(OPTIM_PRESETS)}")
+        raise LFMError(
+            f"unknown optimizer preset {name!r}", f"choose one of {', '.join(OPTIM_PRESETS)}"
+        )
     return dataclasses.replace(OPTIM_PRESETS[name])

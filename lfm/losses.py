@@ -38,20 +38,20 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:
 
 
 @LOSSES.register("ce", "plain cross-entropy")
-def make_ce(counts: Sequence[int], **_) -> PerExampleLoss:
+def make_ce(counts: Sequence[int]) -> PerExampleLoss:
     """Cross-entropy per example."""
     return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
 
 
 @LOSSES.register("focal", "focal loss (gamma, default 2)")
-def make_focal(counts: Sequence[int], gamma: float = 2.0, **_) -> PerExampleLoss:
+def make_focal(counts: Sequence[int], gamma: float = 2.0) -> PerExampleLoss:
     """Focal loss per example."""
     return lambda logits, y: focal_loss(logits, y, gamma)
 
 
 @LOSSES.register("cb", "class-balanced cross-entropy (beta, default 0.9999)")
 def make_cb(
-    counts: Sequence[int], beta: float = 0.9999, base: str = "ce", gamma: float = 2.0, **_
+    counts: Sequence[int], beta: float = 0.9999, base: str = "ce", gamma: float = 2.0
 ) -> PerExampleLoss:
     """Class-balanced CE (or focal, base='focal') with effective-number class weights."""
     w = class_balanced_weights(counts, beta)
@@ -59,8 +59,10 @@ def make_cb(
         raise LFMError(f"class-balanced base loss {base!r} is unknown", "use ce or focal")
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per = focal_loss(logits, y, gamma) if base == "focal" else F.cross_entropy(
-            logits, y, reduction="none"
+        per = (
+            focal_loss(logits, y, gamma)
+            if base == "focal"
+            else F.cross_entropy(logits, y, reduction="none")
         )
         return w.to(logits.device, logits.dtype)[y] * per
 

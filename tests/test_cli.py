@@ -25,14 +25,33 @@ def test_help_explains_every_option(capsys):
 def test_yaml_config_equals_the_flags(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "method: focal\nepochs: 3\ndata:\n  dataset: digits\n  imbalance: 50\n  noise: flip:0.4\n"
-        "optim:\n  lr: 0.02\n  milestones: [1, 2]\n  schedule: step\nmethod_options:\n  gamma: 1.5\n"
+        "optim:\n  lr: 0.02\n  milestones: [1, 2]\n  schedule: step\n"
+        "method_options:\n  gamma: 1.5\n"
     )
     from_yaml = cfg_of(["train", "--config", str(tmp_path / "run.yaml")])
-    from_flags = cfg_of([
-        "train", "--method", "focal", "--epochs", "3", "--dataset", "digits", "--imbalance", "50",
-        "--noise", "flip:0.4", "--lr", "0.02", "--milestones", "1,2", "--schedule", "step",
-        "--opt", "gamma=1.5",
-    ])
+    from_flags = cfg_of(
+        [
+            "train",
+            "--method",
+            "focal",
+            "--epochs",
+            "3",
+            "--dataset",
+            "digits",
+            "--imbalance",
+            "50",
+            "--noise",
+            "flip:0.4",
+            "--lr",
+            "0.02",
+            "--milestones",
+            "1,2",
+            "--schedule",
+            "step",
+            "--opt",
+            "gamma=1.5",
+        ]
+    )
     assert from_yaml == from_flags
     assert from_yaml.optim.milestones == (1.0, 2.0)
 
@@ -85,8 +104,20 @@ def test_wrong_yaml_type_names_the_field(tmp_path, capsys):
 
 def test_console_script_runs_and_prints_a_table(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "lfm", "train", "--epochs", "2", "--no-progress", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lfm",
+            "train",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "test acc (last)" in out.stdout and (tmp_path / "results.json").is_file()
@@ -95,6 +126,8 @@ def test_console_script_runs_and_prints_a_table(tmp_path):
 def test_console_script_error_has_no_traceback():
     out = subprocess.run(
         [sys.executable, "-m", "lfm", "train", "--noise", "uniform:2"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "uniform:2" in out.stderr

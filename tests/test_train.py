@@ -16,8 +16,12 @@ from lfm.train.trainer import Trainer, train
 
 def small_cfg(tmp_path=None, **kw) -> RunConfig:
     base = dict(
-        data=DataConfig(dataset="digits"), model=ModelConfig("mlp", {"hidden_sizes": [64]}),
-        epochs=4, batch_size=50, progress=False, out=str(tmp_path) if tmp_path else None,
+        data=DataConfig(dataset="digits"),
+        model=ModelConfig("mlp", {"hidden_sizes": [64]}),
+        epochs=4,
+        batch_size=50,
+        progress=False,
+        out=str(tmp_path) if tmp_path else None,
     )
     base.update(kw)
     return RunConfig(**base)
@@ -53,7 +57,7 @@ def test_ce_clean_trains_on_the_validation_set_only():
 
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
-    """Stop after 7 steps (mid-epoch, checkpoint every 3), resume: same weights as straight through."""
+    """Stop after 7 steps (mid-epoch, checkpoints every 3), resume: same weights as straight."""
     full = Trainer(small_cfg(epochs=3, batch_size=100))
     full.run()
     straight = {k: v.clone() for k, v in full.method.model.state_dict().items()}

@@ -14,6 +14,8 @@ EPILOG = """example:
   lfm bench ... --variant sl-0.2=small-loss:rho=0.2 --methods ce,small-loss,sl-0.2
 
 Re-running the same command skips runs already complete and retries failed ones.
+--opt applies to every method (methods reject options they do not know); use --variant
+to give one method options. The seed of each run also seeds its data (noise draw, split).
 Results: OUT/table.md, OUT/all_runs.csv, OUT/runs/<dataset>-<setting>-<method>-s<seed>/.
 Then `lfm report OUT` draws the figures and an index.html."""
 

@@ -86,7 +86,9 @@ class DataConfig:
         _int(self, "mnist1d_samples", lo=100)
         _int(self, "image_size", lo=1)
         if not isinstance(self.augment, bool):
-            raise LFMError(f"augment must be true or false, got {self.augment!r}")
+            raise LFMError(
+                f"augment must be true or false, got {self.augment!r}", "write true or false"
+            )
         _choice(self, "label_from", LABEL_SOURCES)
         return self
 

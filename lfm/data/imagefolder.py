@@ -39,10 +39,16 @@ def list_by_folder(
     d: Path, classes: list[str] | None = None, skip: tuple[str, ...] = ()
 ) -> tuple[list[Path], list[int], list[str]]:
     """(paths, labels, classes) of a class-per-subfolder tree; `classes` fixes the label order."""
-    found = sorted(
-        p.name for p in d.iterdir() if p.is_dir() and p.name not in skip and _images_under(p)
-    )
+    subdirs = sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in skip)
+    found = [name for name in subdirs if _images_under(d / name)]
     if classes is None:
+        empty = [n for n in subdirs if n not in found and not n.startswith(".")]
+        if found and empty:  # a class with no images would silently vanish from the label set
+            raise LFMError(
+                f"class folder(s) {', '.join(repr(n) for n in empty[:5])} in {str(d)!r} hold "
+                f"no images ({', '.join(IMAGE_EXTENSIONS)})",
+                "add images to every class folder, or remove the empty ones",
+            )
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
@@ -108,9 +114,8 @@ def load_imagefolder_raw(cfg: DataConfig) -> RawData:
         raise LFMError("imagefolder needs a folder", "pass --data-root PATH")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise LFMError(
-            f"image folder {str(root)!r} does not exist", "pass --data-root an existing folder"
-        )
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise LFMError(f"image folder {str(root)!r} {what}", "pass --data-root an existing folder")
     train_dir = _first_dir(root, TRAIN_DIRS) or root
     test_dir = _first_dir(root, TEST_DIRS)
     # With no train/ folder the root is train, and its test/ folder must not count as train.

@@ -45,7 +45,9 @@ class Method:
     """One way of training a classifier (plain CE, focal, LFM-DR, ...)."""
 
     name: str = "method"
-    train_on: str = "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
+    train_on: str = (
+        "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
+    )
 
     def setup(self, ctx: Context) -> None:
         """Create learners, optimizers and per-example state."""

@@ -30,7 +30,18 @@ class PlainMethod(Method):
         opts = dict(ctx.options)
         loss_name = opts.pop("loss", self.loss_name)
         counts = ctx.bundle.train.class_counts(ctx.bundle.num_classes)
-        self.loss_fn = LOSSES.create(loss_name, counts, **opts)
+        try:
+            self.loss_fn = LOSSES.create(loss_name, counts, **opts)
+        except TypeError as e:  # an option this loss does not take
+            import inspect
+
+            known = [
+                p for p in inspect.signature(LOSSES.get(loss_name)).parameters if p != "counts"
+            ]
+            raise LFMError(
+                f"method {self.name!r} got unknown option(s) {', '.join(opts)} ({e})",
+                f"its options are: {', '.join(known) or 'none'}",
+            ) from None
         self.model = ctx.new_model()
         self.opt = make_optimizer(self.model.parameters(), ctx.optim)
         self.clip = ctx.optim.grad_clip
@@ -66,7 +77,9 @@ class PlainMethod(Method):
         self.opt.load_state_dict(state["opt"])
 
 
-METHODS.register("ce", "cross-entropy on the training set")(lambda: PlainMethod("ce", "train", "ce"))
+METHODS.register("ce", "cross-entropy on the training set")(
+    lambda: PlainMethod("ce", "train", "ce")
+)
 METHODS.register("focal", "focal loss on the training set")(
     lambda: PlainMethod("focal", "train", "focal")
 )

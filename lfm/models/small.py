@@ -34,9 +34,13 @@ def mlp(
     """MLP: flatten -> [Linear -> ReLU] per hidden size -> head."""
     layers: list[nn.Module] = [nn.Flatten()]  # (B, *input_shape) -> (B, D)
     width = _prod(input_shape)
-    for h in hidden_sizes:
-        if h < 1:
-            raise LFMError(f"mlp hidden sizes must be positive, got {tuple(hidden_sizes)}")
+    sizes = [hidden_sizes] if isinstance(hidden_sizes, int) else hidden_sizes
+    if isinstance(sizes, str) or not all(isinstance(h, int) and h >= 1 for h in sizes):
+        raise LFMError(
+            f"mlp hidden_sizes must be positive whole numbers, got {hidden_sizes!r}",
+            "pass e.g. --model-opt hidden_sizes=[256,256]",
+        )
+    for h in sizes:
         layers += [nn.Linear(width, h), nn.ReLU(inplace=False)]  # (B, width) -> (B, h)
         width = h
     model = Classifier(nn.Sequential(*layers), width, num_classes, input_shape)

@@ -7,10 +7,10 @@ A checkpoint is a nested dict of tensors, numbers, strings, lists and tuples, so
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,19 @@ import torch
 from lfm.errors import LFMError
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+# mkstemp's name for a temp file of `atomic_write_bytes`: ".<target name>.<8 random chars>.tmp"
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
+
+# Test hook, not a setting: when set to a number of seconds, `atomic_write_bytes` sleeps that
+# long between writing the temp file and renaming it, so that a test can SIGKILL a run inside
+# the write window (tests/test_kill_resume.py). Unset in normal use.
+SLOW_WRITE_ENV = "LFM_TEST_SLOW_CHECKPOINT"
+
+
+def _test_pause() -> None:
+    delay = os.environ.get(SLOW_WRITE_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -32,6 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _test_pause()
         os.replace(tmp, path)
         dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
@@ -42,6 +56,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_temp_files(folder: Path, target: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete temp files that a killed `atomic_write_bytes` left in `folder` (only its own).
+
+    `target` limits this to temp files of matching final names. Call it only where no other
+    process is writing to `folder` at the same time (one run per run folder).
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _TEMP.match(p.name)
+            if m and p.is_file() and (target is None or target.match(m.group("target"))):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -60,7 +91,7 @@ def safe_load(path: Path) -> Any:
         raise LFMError(f"checkpoint {path} does not exist", "check the path or drop --resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+    except Exception as e:  # weights_only refusals and junk bytes raise many types; all mean "bad"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LFMError(
             f"checkpoint {path} is corrupt or not a plain-data checkpoint ({first[:160]})",
@@ -104,9 +135,20 @@ class CheckpointDir:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
         return [p for _, p in sorted(found)]
 
+    def remove_temp_files(self) -> list[Path]:
+        """Delete the temp files of checkpoint writes that a kill interrupted."""
+        return remove_temp_files(self.folder, _NAME)
+
+    def clear(self) -> None:
+        """Delete every checkpoint (and temp file) here: a run that starts over owns the folder."""
+        self.remove_temp_files()
+        for p in self.paths():
+            p.unlink(missing_ok=True)
+
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write a checkpoint for `step` atomically and drop all but the newest `keep`."""
         path = self.folder / f"ckpt-{step:09d}.pt"
+        self.remove_temp_files()
         atomic_torch_save(state, path)
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
@@ -114,5 +156,6 @@ class CheckpointDir:
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint's contents, or None when there is none."""
+        self.remove_temp_files()  # a killed write leaves only a temp file, never a partial ckpt
         paths = self.paths()
         return safe_load(paths[-1]) if paths else None

@@ -46,6 +46,13 @@ class OptimConfig:
             )
         if not 0 < self.gamma <= 1:
             raise LFMError(f"optim.gamma must be in (0, 1], got {self.gamma}", "use e.g. 0.1")
+        if self.warmup_epochs < 0:
+            raise LFMError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}", "use 0")
+        if list(self.milestones) != sorted(self.milestones) or any(m < 0 for m in self.milestones):
+            raise LFMError(
+                f"optim.milestones must be increasing epochs >= 0, got {self.milestones}",
+                "write them in order, e.g. 80,90",
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise LFMError(f"optim.grad_clip must be > 0, got {self.grad_clip}", "omit it or use 5")
 

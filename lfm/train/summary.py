@@ -46,7 +46,7 @@ RUN_COLUMNS = (
     ("test_last", "test acc (last)", ".4f"),
     ("val_last", "val acc (last)", ".4f"),
     ("test_sel", "test acc (val-selected)", ".4f"),
-    ("sel_epoch", "selected epoch", "d"),
+    ("sel_epoch", "selected epoch", "g"),
     ("sec_per_iter", "s/iter", ".4f"),
 )
 

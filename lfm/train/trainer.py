@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import sys
 import time
@@ -26,12 +27,19 @@ from lfm.data.types import DataBundle, Split, Stream, iterate_batches
 from lfm.device import resolve_device, seed_everything
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
-from lfm.train.checkpoint import CheckpointDir, atomic_write_bytes, rng_state, set_rng_state
+from lfm.train.checkpoint import (
+    CheckpointDir,
+    atomic_write_bytes,
+    remove_temp_files,
+    rng_state,
+    set_rng_state,
+)
 from lfm.train.evaluate import evaluate
 from lfm.train.optim import lr_factor_fn
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
+_OUTPUTS = re.compile(rf"^({re.escape(RESULTS)}|{re.escape(PER_EXAMPLE)})$")
 
 
 def training_split(bundle: DataBundle, train_on: str) -> Split:
@@ -43,6 +51,34 @@ def training_split(bundle: DataBundle, train_on: str) -> Split:
     if train_on == "train+val":
         return Split.concat(bundle.train, bundle.val)
     raise ValueError(f"unknown train_on {train_on!r}")
+
+
+def check_bundle(bundle: DataBundle) -> None:
+    """Refuse labels outside [0, C) and NaN / inf inputs (cheap; user-given data included)."""
+    c = bundle.num_classes
+    for name in ("train", "val", "test"):
+        split: Split = getattr(bundle, name)
+        for what, y in (("labels", split.y), ("clean labels", split.y_true)):
+            if y is None or len(y) == 0:
+                continue
+            if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+                raise LFMError(
+                    f"the {name} {what} are {y.dtype}, not integers",
+                    "give class indices as an int64 tensor",
+                )
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= c:
+                raise LFMError(
+                    f"the {name} split has {what} outside [0, {c}) (range [{lo}, {hi}])",
+                    f"give labels 0..{c - 1}, or set num_classes to the number of classes",
+                )
+        x = split.x
+        if x.dtype.is_floating_point and len(x) and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if x.dim() > 1 else -1
+            raise LFMError(
+                f"the {name} data hold NaN or inf values ({bad} examples affected)",
+                "clean or drop those examples before training",
+            )
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -76,9 +112,15 @@ class Trainer:
             from lfm.data.build import build_data
 
             bundle = build_data(cfg.data)
+        check_bundle(bundle)
         self.bundle = bundle
         self.method = method if method is not None else METHODS.create(cfg.method)
         self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise LFMError(
+                f"--out {str(self.out)!r} is a file, not a folder",
+                "pass a folder path (it is created if missing)",
+            )
         if model_factory is None:
             from lfm.models import create_model
 
@@ -95,6 +137,11 @@ class Trainer:
         self.split = training_split(bundle, self.method.train_on)
         if len(self.split) == 0:
             raise LFMError("the training split is empty", "check --val-per-class and --imbalance")
+        if len(bundle.val) == 0:
+            raise LFMError(
+                "the validation set is empty, and model selection (and LFM) needs it",
+                "pass --val-per-class 1 or more, or --val-fraction",
+            )
         spe = max(1, math.ceil(len(self.split) / cfg.batch_size))
         total = spe * cfg.epochs
         self.ctx = Context(
@@ -112,6 +159,7 @@ class Trainer:
         self.method.setup(self.ctx)
         self.history: list[dict] = []
         self._last_eval: tuple[dict, dict] | None = None
+        self._logs: dict[str, float] = {}  # the last step's; checkpointed, epoch records use them
         self.train_seconds = 0.0
         self.ckpt = (
             CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
@@ -126,6 +174,7 @@ class Trainer:
             "epoch": self.ctx.epoch,
             "val_stream": self.ctx.val_stream.state_dict(),
             "history": json.dumps(self.history),
+            "logs": json.dumps({k: float(v) for k, v in self._logs.items()}),
             "train_seconds": self.train_seconds,
             "rng": rng_state(),
             "config": json.dumps(asdict(self.cfg)),
@@ -141,10 +190,17 @@ class Trainer:
                     f"the checkpoint in {self.out} was made with a different {key!r}",
                     "use a new --out folder, or run the same command as before to resume",
                 )
+        if int(state["epoch"]) > self.cfg.epochs:
+            raise LFMError(
+                f"the checkpoint in {self.out} is at epoch {int(state['epoch'])}, past the "
+                f"{self.cfg.epochs} epochs asked for",
+                "pass the same --epochs as before (or more), or use a new --out folder",
+            )
         self.method.load_state_dict(state["method"])
         self.ctx.step, self.ctx.epoch = int(state["step"]), int(state["epoch"])
         self.ctx.val_stream.load_state_dict(state["val_stream"])
         self.history = json.loads(state["history"])
+        self._logs = json.loads(state.get("logs", "{}"))
         self.train_seconds = float(state["train_seconds"])
         set_rng_state(state["rng"])
 
@@ -160,7 +216,15 @@ class Trainer:
         state = self.ckpt.latest()
         if state is None:
             return False
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            # plain data, but not what state_dict() writes: tampered, or another program's file
+            raise LFMError(
+                f"checkpoint {self.ckpt.paths()[-1]} is not a checkpoint of an lfm run "
+                f"({type(e).__name__}: {str(e)[:120]})",
+                "delete it to start over, or use a new --out folder",
+            ) from None
         return True
 
     # -- the loop ------------------------------------------------------------------------
@@ -188,9 +252,12 @@ class Trainer:
         """Train to the end (resuming if a checkpoint exists) and return the results."""
         cfg, ctx = self.cfg, self.ctx
         resumed = self.try_resume()
+        if not resumed and self.ckpt is not None:
+            # Starting over (--no-resume, or nothing to resume): a stale checkpoint of an older
+            # run with a later step would otherwise outlive ours and be resumed next time.
+            self.ckpt.clear()
         spe = ctx.steps_per_epoch
         bar = _progress(cfg.progress, ctx.total_steps, ctx.step, f"{self.method.name}")
-        logs: dict[str, float] = {}
         while ctx.epoch < cfg.epochs:
             start_in_epoch = ctx.step - ctx.epoch * spe
             stopping = False
@@ -203,7 +270,7 @@ class Trainer:
                 epoch=ctx.epoch,
                 start=start_in_epoch,
             ):
-                logs = self.method.step(batch, ctx)
+                logs = self._logs = self.method.step(batch, ctx)
                 ctx.step += 1
                 if bar is not None:
                     bar.update(1)
@@ -221,12 +288,12 @@ class Trainer:
             if stopping and ctx.step < (ctx.epoch + 1) * spe:
                 # Stopped mid-epoch: evaluate for the results, but leave the epoch open so
                 # that a later run resumes inside it.
-                self._record(ctx.epoch + (ctx.step - ctx.epoch * spe) / spe, logs)
+                self._record(ctx.epoch + (ctx.step - ctx.epoch * spe) / spe, self._logs)
                 break
             ctx.epoch += 1
             self.method.on_epoch_end(ctx)
             if ctx.epoch % cfg.eval_every == 0 or ctx.epoch == cfg.epochs or stopping:
-                self._record(ctx.epoch, logs)
+                self._record(ctx.epoch, self._logs)
             self.save_checkpoint()
             if stopping:
                 break
@@ -281,6 +348,7 @@ class Trainer:
 
     def write(self, results: dict) -> None:
         """results.json and the per-example arrays, both written atomically."""
+        remove_temp_files(self.out, _OUTPUTS)  # what killed writes of these files left behind
         atomic_write_bytes(self.out / RESULTS, json.dumps(results, indent=1).encode())
         arrays = {k: np.asarray(v) for k, v in self.method.per_example().items()}
         train = self.bundle.train

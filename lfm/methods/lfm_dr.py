@@ -1,0 +1,626 @@
+"""LFM data reweighting (LFM-DR): Algorithm 1 of Zhang et al. (IEEE Trans. AI, 2025) as a Method.
+
+Two learners W1 and W2 (same architecture), an encoder V, a coefficient r_j per validation
+example and a weight b_i per training example. Each `step` is one iteration of Algorithm 1
+(`lfm.engine.trilevel`): W1 *learns* on mean_i w(b_i) l_i, W2 *relearns* on mean_i a_i l_i with
+a_i = sigmoid(sum_j x_ij z_ij u_j r_j), and W2's validation loss after its step *validates*
+b, V and r through one-step-unrolled hypergradients (exact jvp or finite differences).
+
+Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md section 1):
+
+- `paper`        the faithful form: dL_val(W2')/db through u(W1'). Known perverse incentive:
+                 W2's validation loss falls when W1 makes *more* validation mistakes
+                 (larger u -> larger a -> larger W2 step), so b is pushed to make W1 worse.
+- `authors-code` what the authors' public code runs: b's finite-difference product is taken
+                 along W1's OWN clipped training gradient instead of dL_val/dW1', so b never
+                 sees validation data (a gradient-alignment filter on the training batch).
+- `a-normalised` a_i / mean_batch(a): u changes the mix of examples in W2's step, not its size,
+                 which removes the "bigger mistakes, bigger step" incentive.
+- `a-only`       b frozen at its initial value: only the stage-2 weights a act (W1 = plain CE).
+- `w1-val`       paper + W1's own validation loss in b's upper objective:
+                 b minimises L_val(W2') + w1_val_weight * L_val(W1'). The added term is the
+                 L2RW meta-gradient; it directly opposes "make W1 worse" and costs nothing extra
+                 (it is a constant added to the cotangent of u in the same backward pass).
+
+Encoders (`LFMConfig.encoder`): `full` (a network trained in stage 3: a fresh body of the
+learner's architecture, or `encoder_model` from the model registry, optionally loaded from a
+local `encoder_weights` file), `head` (that network frozen, features cached per example, a
+learnable linear projection on top), `shared` (paper Table X, parameter sharing: W1 and W2 share
+one body with separate heads, and V is that body's features).
+
+Shared mode, exactly: the body belongs to W1 and is updated only by stage 1 (W1 learns, body
+and head together). W2 is a linear head on the shared body's features at W1' (after stage 1's
+step, detached: stage 2 and the hypergradients treat the features as constants, so the only
+path from b to L_val is u(W1'), as in the unshared form). V(d) = the same features, with no
+parameters of its own: stage 3 learns b and r only. Memory and cost are close to a single
+network's (Table X).
+
+Single network (`lfm-sn`, paper Table IV): one network W trains with plain CE for the first
+`sn_warmup` fraction of the run, is frozen as W1 (its validation mistakes u are then fixed
+functions of a snapshot), and then keeps training as W2 on a-weighted examples, with V and r
+learned from its validation loss. No b, not end to end.
+
+Python API with your own network (any nn.Module with `body` -> (B, K) features and
+`head` = nn.Linear(K, C); `shared` needs them, `full`/`head` fall back to logits without):
+
+    from lfm.methods.base import Context
+    from lfm.methods.lfm_dr import LFMDR, LFMConfig
+    from lfm.data import Stream, iterate_batches
+    from lfm.train.optim import OptimConfig
+
+    method = LFMDR(LFMConfig(variant="w1-val", encoder="head"))
+    ctx = Context(bundle, device, new_model=lambda: MyNet().to(device),
+                  val_stream=Stream(bundle.val, 100, device=device), steps_per_epoch=100,
+                  total_steps=1000, lr_factor=lambda step: 1.0,
+                  optim=OptimConfig("sgd", 0.05, 0.9, weight_decay=5e-4))
+    method.setup(ctx)
+    for ctx.step, batch in enumerate(iterate_batches(bundle.train, 100, device=device)):
+        logs = method.step(batch, ctx)
+    b = method.per_example()["b"]  # learned weight of each training example
+
+Batches: `batch.x` is raw stored data; like every method, this one calls
+`ctx.bundle.inputs(x, train=True)` on training batches and `train=False` on validation batches.
+Stages 1 and 2 use the same training batch (documented in `lfm.engine.trilevel`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lfm.data.types import Batch
+from lfm.engine.functional import Params, forward
+from lfm.engine.hypergrad import BACKENDS
+from lfm.engine.trilevel import (
+    IterOptions,
+    Learner,
+    check_finite,
+    commit,
+    iteration,
+    learn,
+    relearn,
+    validate,
+)
+from lfm.engine.virtual import EntryOptimizer, VirtualSGD
+from lfm.errors import LFMError
+from lfm.methods.base import METHODS, Context, Method
+from lfm.reweight.encoder import ENCODER_MODES, FullEncoder, HeadEncoder
+from lfm.reweight.function import B_MODES, SIMILARITIES
+
+# variant -> (b path of the engine, a normalised per batch)
+VARIANTS: dict[str, tuple[str, bool]] = {
+    "paper": ("w2", False),
+    "authors-code": ("own-grad", False),
+    "a-normalised": ("w2", True),
+    "a-only": ("frozen", False),
+    "w1-val": ("w2+w1val", False),
+}
+OPTIMS = ("adam", "sgd")
+
+
+@dataclass
+class LFMConfig:
+    """Everything LFM-DR adds to a plain training run. Presets: `PRESETS`."""
+
+    variant: str = "paper"  # paper | authors-code | a-normalised | a-only | w1-val (module doc)
+    backend: str = "exact"  # exact (jvp) | fd (finite differences, DARTS eps, fp32)
+    b_mode: str = (
+        "raw"  # how b enters stage 1: raw (w=b, clamped >= 0) | sigmoid | batch-normalised
+    )
+    b_init: float | None = (
+        None  # None: 1.0 (raw, batch-normalised; W1 starts as plain CE), 0.0 (sigmoid)
+    )
+    b_optim: str = "adam"  # lazy per-entry Adam: scale-free, as b's hypergradient is ~1e-6
+    b_lr: float = 0.05  # with Adam, about how far b_i moves each time example i is seen
+    r_init: float = 1.0  # r=0 would make a constant and silence the V and b gradients at start
+    r_optim: str = "adam"  # lazy per-entry Adam over the validation set
+    r_lr: float = 0.01  # r is seen every validation epoch, far more often than b
+    v_optim: str = "adam"  # encoder optimizer (full: the network; head: the projection)
+    v_lr: float = 1e-3  # Meta-Weight-Net's meta-net setting
+    similarity: str = "dot"  # dot (paper eq. 2) | cosine | l2 (negative distance), Fig. 5
+    temperature: float = 1.0  # x = softmax(sim / temperature); 1 is the paper's
+    use_x: bool = True  # False: uniform attention 1/m (ablation, Fig. 4)
+    use_u: bool = True  # False: u_j = 1 (ablation); b then gets no gradient
+    use_z: bool = True  # False: z_ij = 1 (ablation)
+    encoder: str = "full"  # full | head | shared
+    encoder_model: str | None = None  # registry name; None: the learner's own architecture
+    encoder_weights: str | None = None  # local state-dict file for the encoder (no downloads)
+    encoder_dim: int | None = None  # head mode: projection output size (None: feature size)
+    val_bank: int = 0  # >0: x's softmax also spans this many earlier validation embeddings
+    w1_val_weight: float = 1.0  # w1-val: weight of L_val(W1') in b's objective
+    own_grad_clip: float = 5.0  # authors-code: norm clip of W1's own gradient (DARTS's 5)
+    sn_warmup: float = 0.5  # lfm-sn: fraction of the run trained with plain CE before reweighting
+
+    def validate(self) -> None:
+        """Raise LFMError naming the first bad field."""
+
+        def bad(name: str, allowed) -> LFMError:
+            return LFMError(f"lfm.{name} is {getattr(self, name)!r}", f"use one of {allowed}")
+
+        choices = {
+            "variant": tuple(VARIANTS),
+            "backend": tuple(BACKENDS.names()),
+            "b_mode": B_MODES,
+            "b_optim": OPTIMS,
+            "r_optim": OPTIMS,
+            "v_optim": OPTIMS,
+            "similarity": SIMILARITIES,
+            "encoder": ENCODER_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, allowed)
+        for name in ("b_lr", "r_lr", "v_lr", "temperature", "own_grad_clip"):
+            if not getattr(self, name) > 0:
+                raise LFMError(
+                    f"lfm.{name} must be > 0, got {getattr(self, name)}", "pass a positive number"
+                )
+        if self.val_bank < 0:
+            raise LFMError(f"lfm.val_bank must be >= 0, got {self.val_bank}", "use 0 or e.g. 500")
+        if self.w1_val_weight < 0:
+            raise LFMError(f"lfm.w1_val_weight must be >= 0, got {self.w1_val_weight}", "use 1.0")
+        if not 0 <= self.sn_warmup < 1:
+            raise LFMError(f"lfm.sn_warmup must be in [0, 1), got {self.sn_warmup}", "use 0.5")
+        if self.encoder_dim is not None and self.encoder_dim < 1:
+            raise LFMError(f"lfm.encoder_dim must be >= 1, got {self.encoder_dim}", "omit it")
+        if self.b_mode == "sigmoid" and self.b_init is not None and self.b_init < -50:
+            raise LFMError("lfm.b_init is so low that sigmoid(b) is 0", "use b_init near 0")
+        if self.b_mode != "sigmoid" and self.b_init is not None and self.b_init <= 0:
+            raise LFMError(
+                f"lfm.b_init must be > 0 for b_mode {self.b_mode}, got {self.b_init}", "use 1.0"
+            )
+
+    @property
+    def initial_b(self) -> float:
+        """b's starting value."""
+        if self.b_init is not None:
+            return self.b_init
+        return 0.0 if self.b_mode == "sigmoid" else 1.0
+
+    def iter_options(self) -> IterOptions:
+        """What the engine needs to know for one iteration."""
+        b_path, a_norm = VARIANTS[self.variant]
+        return IterOptions(
+            backend=self.backend,
+            b_mode=self.b_mode,
+            similarity=self.similarity,
+            temperature=self.temperature,
+            use_x=self.use_x,
+            use_u=self.use_u,
+            use_z=self.use_z,
+            a_norm=a_norm,
+            b_path=b_path,
+            w1_val_weight=self.w1_val_weight,
+            own_grad_clip=self.own_grad_clip,
+        )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> LFMConfig:
+        """A preset (`preset`, default `paper`) with fields overridden by `options`.
+
+        Values may be strings (from the command line); they are parsed by the field's type.
+        """
+        opts = dict(options)
+        name = opts.pop("preset", "paper")
+        if name not in PRESETS:
+            raise LFMError(f"unknown lfm preset {name!r}", f"choose one of {sorted(PRESETS)}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise LFMError(
+                f"unknown lfm option(s) {', '.join(unknown)}",
+                f"known options: preset, {', '.join(known)}",
+            )
+        parsed = {k: _parse(k, str(known[k].type), v) for k, v in opts.items()}
+        cfg = replace(PRESETS[name], **parsed)
+        cfg.validate()
+        return cfg
+
+
+def _parse(name: str, typ: str, v: Any) -> Any:
+    """Parse a command-line string by the field's annotation."""
+    if not isinstance(v, str):
+        return v
+    if "None" in typ and v.lower() in ("none", "null", ""):
+        return None
+    try:
+        if typ.startswith("bool"):
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(v)
+            return v.lower() in ("true", "1", "yes")
+        if typ.startswith("float"):
+            return float(v)
+        if typ.startswith("int"):
+            return int(v)
+    except ValueError as e:
+        raise LFMError(f"lfm.{name} got {v!r}, which is not a {typ}", "fix the value") from e
+    return v
+
+
+PRESETS: dict[str, LFMConfig] = {
+    "paper": LFMConfig(),  # faithful: dot attention, full encoder, b through u(W1')
+    "authors-code": LFMConfig(variant="authors-code"),  # b along W1's own clipped gradient
+    "a-normalised": LFMConfig(variant="a-normalised"),  # a / mean(a) per batch
+    "a-only": LFMConfig(variant="a-only"),  # b frozen: stage-2 weights only
+    "w1-val": LFMConfig(variant="w1-val"),  # + W1's own validation loss in b's objective
+    "ps": LFMConfig(encoder="shared"),  # paper + parameter sharing (Table X)
+    "fast": LFMConfig(encoder="head", backend="fd"),  # frozen cached encoder, DARTS differences
+}
+
+
+class SharedPair(nn.Module):
+    """W2 in shared mode, as evaluation sees it: W1's body with W2's own head."""
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def _body_and_dim(model: nn.Module, num_classes: int) -> tuple[nn.Module, int]:
+    if hasattr(model, "body") and hasattr(model, "head"):
+        return model.body, int(getattr(model, "feature_dim", model.head.in_features))
+    return model, num_classes  # no body: the logits are the features
+
+
+class _LFMBase(Method):
+    """What LFM-DR and its single-network variant share: V, r, a, the validation bank."""
+
+    def __init__(self, config: LFMConfig | None = None, **overrides: Any):
+        self.cfg_given = config if not overrides else replace(config or LFMConfig(), **overrides)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup_common(self, ctx: Context) -> None:
+        self.cfg = self.cfg_given or LFMConfig.from_options(ctx.options)
+        self.cfg.validate()
+        self.opts = self.cfg.iter_options()
+        self.device = ctx.device
+        n_tr, n_val = len(ctx.bundle.train), len(ctx.bundle.val)
+        self.r = torch.full((n_val,), float(self.cfg.r_init), device=ctx.device)
+        self.a_last = torch.full((n_tr,), float("nan"), device=ctx.device)
+        self.r_opt = EntryOptimizer(n_val, self.cfg.r_optim, self.cfg.r_lr, device=ctx.device)
+        self.V: nn.Module | None = None
+        if self.cfg.encoder in ("full", "head"):
+            net, dim = self._encoder_net(ctx)
+            if self.cfg.encoder == "full":
+                self.V = FullEncoder(net)
+            else:
+                bundle, dev = ctx.bundle, ctx.device
+
+                def source(which: str, idx: Tensor) -> Tensor:
+                    split = bundle.train if which == "train" else bundle.val
+                    return bundle.inputs(split.x[idx.cpu()].to(dev), False)
+
+                self.V = HeadEncoder(net, dim, n_tr, n_val, self.cfg.encoder_dim, source)
+            self.V.to(ctx.device)
+            params = [p for p in self.V.parameters() if p.requires_grad]
+            cls = torch.optim.Adam if self.cfg.v_optim == "adam" else torch.optim.SGD
+            self.v_opt = cls(params, lr=self.cfg.v_lr)
+        self.bank: dict[str, Tensor] | None = None
+
+    def _encoder_net(self, ctx: Context) -> tuple[nn.Module, int]:
+        cfg, C = self.cfg, ctx.bundle.num_classes
+        loaded = False
+        if cfg.encoder_model:
+            from lfm.models.registry import MODELS, create_model
+
+            kw = {}
+            accepts = inspect.signature(MODELS.get(cfg.encoder_model)).parameters
+            if cfg.encoder_weights and "weights" in accepts:
+                kw, loaded = {"weights": cfg.encoder_weights}, True
+            model = create_model(cfg.encoder_model, C, ctx.bundle.input_shape, **kw)
+        else:
+            model = ctx.new_model()
+        if cfg.encoder_weights and not loaded:
+            from lfm.models.weights import read_state_dict
+
+            sd = read_state_dict(cfg.encoder_weights)
+            res = model.load_state_dict(sd, strict=False)
+            if len(res.missing_keys) == len(model.state_dict()):
+                raise LFMError(
+                    f"no tensor of {cfg.encoder_weights!r} matches the encoder's parameters",
+                    "save the weights with model.state_dict() of the same architecture, "
+                    "or name the architecture with encoder_model",
+                )
+        model = model.to(ctx.device)
+        return _body_and_dim(model, C)
+
+    # -- pieces of a step ----------------------------------------------------------------
+    def _batches(self, batch: Batch, ctx: Context):
+        x_tr = ctx.bundle.inputs(batch.x, train=True)
+        vb = next(ctx.val_stream)
+        x_val = ctx.bundle.inputs(vb.x, train=False)
+        return x_tr, batch.y, batch.idx, x_val, vb.y, vb.idx
+
+    def _encoder(self, x_tr, x_val, idx, vidx, shared_body=None):
+        """(embed(W1') -> (e_tr, e_val), V's trainable params, W2's inputs (shared mode) or
+        None, a dict that keeps this step's validation embeddings for the bank)."""
+        last: dict[str, Tensor] = {}
+        if self.V is not None:
+            V = self.V
+
+            def embed(p1n: Params):
+                e_tr, e_val = V.embed(x_tr, x_val, idx, vidx)
+                last["e_val"] = e_val.detach()
+                return e_tr, e_val
+
+            return embed, [p for p in V.parameters() if p.requires_grad], None, last
+        body_mod = shared_body
+
+        def feats(p1n: Params):
+            if "f_tr" not in last:
+                body = {k[5:]: v.detach() for k, v in p1n.items() if k.startswith("body.")}
+                bufs = dict(body_mod.named_buffers())
+                with torch.no_grad():
+                    last["f_tr"] = forward(body_mod, body, bufs, x_tr)
+                    last["e_val"] = forward(body_mod, body, bufs, x_val)
+            return last["f_tr"], last["e_val"]
+
+        return feats, [], feats, last
+
+    def _bank(self) -> tuple[tuple[Tensor, Tensor, Tensor] | None, Tensor | None]:
+        if self.bank is None or self.cfg.val_bank == 0:
+            return None, None
+        bk = self.bank
+        return (bk["e"], bk["y"], bk["u"]), bk["idx"]
+
+    @torch.no_grad()
+    def _push_bank(self, e_val: Tensor, y: Tensor, u: Tensor, vidx: Tensor) -> None:
+        k = self.cfg.val_bank
+        if k == 0:
+            return
+        new = {"e": e_val.detach(), "y": y, "u": u.detach(), "idx": vidx}
+        if self.bank is not None:
+            new = {key: torch.cat([self.bank[key], new[key]])[-k:] for key in new}
+        else:
+            new = {key: v[-k:] for key, v in new.items()}
+        self.bank = new
+
+    def _stage3_updates(self, res, idx: Tensor | None, r_idx: Tensor, v_params) -> None:
+        self.r_opt.step(self.r, r_idx, res.grad_r.detach())
+        if self.V is not None:
+            for p, g in zip(v_params, res.grad_v, strict=True):
+                p.grad = None if g is None else g.detach()
+            self.v_opt.step()
+            self.v_opt.zero_grad(set_to_none=True)
+
+    def _common_state(self) -> dict[str, Any]:
+        return {
+            "cfg": asdict(self.cfg),
+            "r": self.r,
+            "a": self.a_last,
+            "r_opt": self.r_opt.state_dict(),
+            "V": None if self.V is None else self.V.state_dict(),
+            "v_opt": None if self.V is None else self.v_opt.state_dict(),
+            "bank": self.bank,
+        }
+
+    def _load_common(self, state: dict[str, Any]) -> None:
+        self.r.copy_(state["r"])
+        self.a_last.copy_(state["a"])
+        self.r_opt.load_state_dict(state["r_opt"])
+        if self.V is not None:
+            self.V.load_state_dict(state["V"])
+            self.v_opt.load_state_dict(state["v_opt"])
+        self.bank = state["bank"]
+
+    @staticmethod
+    def _floats(logs: dict[str, Tensor]) -> dict[str, float]:
+        keys = list(logs)
+        vals = torch.stack([logs[k].detach().float().reshape(()).cpu() for k in keys]).tolist()
+        return dict(zip(keys, vals, strict=True))
+
+
+class LFMDR(_LFMBase):
+    """LFM data reweighting with two learners (TN), registered as `lfm`."""
+
+    name = "lfm"
+
+    def setup(self, ctx: Context) -> None:
+        """W1, W2 (ctx.new_model), V, r (one per validation example), b (one per training
+        example), and their optimizers."""
+        self._setup_common(ctx)
+        sgd = VirtualSGD.from_config(ctx.optim)
+        self.w1 = Learner(ctx.new_model(), copy.deepcopy(sgd))
+        w2_model = ctx.new_model()
+        self.shared = self.cfg.encoder == "shared"
+        if self.shared:
+            if not (hasattr(self.w1.module, "body") and hasattr(self.w1.module, "head")):
+                raise LFMError(
+                    "encoder 'shared' needs a model with `body` and `head` submodules",
+                    "use encoder full or head, or give the model body/head",
+                )
+            self.w2 = Learner(w2_model.head, copy.deepcopy(sgd))
+            self.w2_eval = SharedPair(self.w1.module.body, self.w2.module)
+        else:
+            self.w2 = Learner(w2_model, copy.deepcopy(sgd))
+            self.w2_eval = w2_model
+        n_tr = len(ctx.bundle.train)
+        self.b = torch.full((n_tr,), float(self.cfg.initial_b), device=ctx.device)
+        self.b_opt = EntryOptimizer(n_tr, self.cfg.b_optim, self.cfg.b_lr, device=ctx.device)
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One iteration of Algorithm 1: learn, relearn, validate; then update W1, W2, b, r, V."""
+        for m in (self.w1.module, self.w2.module, self.V):
+            if m is not None:
+                m.train()
+        lr = ctx.lr_at(ctx.optim.lr)
+        x_tr, y_tr, idx, x_val, y_val, vidx = self._batches(batch, ctx)
+        bank, bank_idx = self._bank()
+        r_idx = vidx if bank_idx is None else torch.cat([vidx, bank_idx])
+        r = self.r[r_idx].clone().requires_grad_(True)
+        embed, v_params, w2_inputs, last = self._encoder(
+            x_tr, x_val, idx, vidx, self.w1.module.body if self.shared else None
+        )
+        res = iteration(
+            self.w1,
+            self.w2,
+            x_tr,
+            y_tr,
+            x_val,
+            y_val,
+            self.b[idx],
+            r,
+            embed,
+            v_params,
+            self.opts,
+            lr,
+            lr,
+            w2_inputs=w2_inputs,
+            bank=bank,
+        )
+        check_finite(res, ctx.step)
+        commit(self.w1, self.w2, res)
+        if res.grad_b is not None:
+            self.b_opt.step(self.b, idx, res.grad_b.detach())
+            if self.cfg.b_mode != "sigmoid":
+                self.b[idx] = self.b[idx].clamp_min(0.0)
+        self._stage3_updates(res, idx, r_idx, v_params)
+        self.a_last[idx] = res.s2.a.detach().to(self.a_last.dtype)
+        self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
+        logs = dict(res.logs)
+        logs["b_mean"] = self.b[idx].mean()
+        return self._floats(logs)
+
+    def models(self) -> dict[str, nn.Module]:
+        """{"W1": .., "W2": ..}; in shared mode W2 is the shared body with W2's head."""
+        return {"W1": self.w1.module, "W2": self.w2_eval}
+
+    def per_example(self) -> dict[str, np.ndarray]:
+        """b (learned weight of each training example) and a (its last stage-2 weight; NaN if
+        never seen)."""
+        return {"b": self.b.detach().cpu().numpy(), "a": self.a_last.detach().cpu().numpy()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learners, momentum buffers, V and its optimizer, b, r, a, their optimizers, bank."""
+        st = self._common_state()
+        st.update(
+            {
+                "W1": self.w1.module.state_dict(),
+                "W2": self.w2.module.state_dict(),
+                "sgd1": self.w1.sgd.state_dict(),
+                "sgd2": self.w2.sgd.state_dict(),
+                "b": self.b,
+                "b_opt": self.b_opt.state_dict(),
+            }
+        )
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (after `setup` with the same config)."""
+        self.w1.module.load_state_dict(state["W1"])
+        self.w2.module.load_state_dict(state["W2"])
+        self.w1.sgd.load_state_dict(state["sgd1"])
+        self.w2.sgd.load_state_dict(state["sgd2"])
+        self.b.copy_(state["b"])
+        self.b_opt.load_state_dict(state["b_opt"])
+        self._load_common(state)
+
+
+class LFMSN(_LFMBase):
+    """Single network (paper Table IV): train, reweight, retrain; registered as `lfm-sn`."""
+
+    name = "lfm-sn"
+
+    def setup(self, ctx: Context) -> None:
+        """One network W, V, r; the frozen copy W1 is taken when reweighting starts."""
+        self._setup_common(ctx)
+        if self.cfg.encoder == "shared":
+            raise LFMError(
+                "lfm-sn has one network; encoder 'shared' would be W itself",
+                "use encoder full or head",
+            )
+        self.w = Learner(ctx.new_model(), VirtualSGD.from_config(ctx.optim))
+        self.frozen: Learner | None = None
+        self.warmup_steps = int(self.cfg.sn_warmup * ctx.total_steps)
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """Plain CE before `sn_warmup`; after it, relearn on a from the frozen snapshot's u."""
+        lr = ctx.lr_at(ctx.optim.lr)
+        self.w.module.train()
+        if ctx.step < self.warmup_steps:
+            x = ctx.bundle.inputs(batch.x, train=True)
+            ones = torch.ones(len(batch.y), device=x.device)  # plain CE: w = 1
+            s1 = learn(self.w, x, batch.y, ones, replace(self.opts, b_mode="raw"), lr)
+            if not torch.isfinite(s1.L1):
+                raise LFMError(
+                    f"stage 1 (learn) loss became NaN or inf at step {ctx.step}", "lower --lr"
+                )
+            self.w.sgd.commit(self.w.module, s1.p1_new, s1.m1_new)
+            return {"L1": float(s1.L1)}
+        if self.frozen is None:
+            self.frozen = Learner(copy.deepcopy(self.w.module), VirtualSGD())
+        if self.V is not None:
+            self.V.train()
+        x_tr, y_tr, idx, x_val, y_val, vidx = self._batches(batch, ctx)
+        bank, bank_idx = self._bank()
+        r_idx = vidx if bank_idx is None else torch.cat([vidx, bank_idx])
+        r = self.r[r_idx].clone().requires_grad_(True)
+        embed, v_params, _, last = self._encoder(x_tr, x_val, idx, vidx)
+        s2 = relearn(
+            self.frozen,
+            self.w,
+            self.frozen.params(),
+            x_tr,
+            y_tr,
+            x_val,
+            y_val,
+            r,
+            embed,
+            self.opts,
+            lr,
+            bank=bank,
+            u_grad=False,
+        )
+        res = validate(
+            self.frozen, self.w, None, s2, x_tr, y_tr, y_val, None, r, v_params, self.opts
+        )
+        check_finite(res, ctx.step)
+        commit(None, self.w, res)
+        self._stage3_updates(res, idx, r_idx, v_params)
+        self.a_last[idx] = s2.a.detach().to(self.a_last.dtype)
+        self._push_bank(last["e_val"], y_val, s2.u, vidx)
+        return self._floats(res.logs)
+
+    def models(self) -> dict[str, nn.Module]:
+        """The single network, {"W": ..}."""
+        return {"W": self.w.module}
+
+    def per_example(self) -> dict[str, np.ndarray]:
+        """a: the last stage-2 weight of each training example (NaN if never reweighted)."""
+        return {"a": self.a_last.detach().cpu().numpy()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """W, its momentum, the frozen snapshot (once taken), V, r, a and their optimizers."""
+        st = self._common_state()
+        st.update(
+            {
+                "W": self.w.module.state_dict(),
+                "sgd": self.w.sgd.state_dict(),
+                "frozen": None if self.frozen is None else self.frozen.module.state_dict(),
+            }
+        )
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (after `setup` with the same config)."""
+        self.w.module.load_state_dict(state["W"])
+        self.w.sgd.load_state_dict(state["sgd"])
+        if state["frozen"] is not None:
+            self.frozen = Learner(copy.deepcopy(self.w.module), VirtualSGD())
+            self.frozen.module.load_state_dict(state["frozen"])
+        self._load_common(state)
+
+
+METHODS.register("lfm", "Learning From Mistakes data reweighting (two learners, Algorithm 1)")(
+    LFMDR
+)
+METHODS.register("lfm-sn", "LFM single network: train, reweight, retrain (paper Table IV)")(LFMSN)

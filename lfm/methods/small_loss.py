@@ -1,0 +1,192 @@
+"""Small-loss selection: train on the (1 - rho) fraction of each batch with the lowest loss.
+
+The natural control for any method that wins by filtering high-loss examples (SPEC.md
+section 4): co-teaching's selection rule (Han et al., NeurIPS 2018) with one network, so it costs
+one forward and one backward per step, like plain cross-entropy.
+
+Options
+-------
+rho : float in [0, 1) or "auto" (default "auto")
+    The fraction of each batch dropped. With a number, rho rises linearly from 0 over the first
+    ``ramp`` fraction of training (co-teaching's schedule; its T_k = 10 of 200 epochs is 0.05),
+    because an untrained network's losses say nothing yet.
+ramp : float (default 0.1)
+    The fraction of total steps over which a given rho ramps up.
+warmup : int (default 1)
+    With ``rho=auto``: epochs of plain CE (nothing dropped) before rho is estimated.
+quantile : float (default 0.95)
+    With ``rho=auto``: at the end of the warm-up, rho = the fraction of training examples whose
+    loss exceeds this quantile of the clean validation set's losses under the current model.
+    A clean example should rarely lose more than nearly every clean validation example, a
+    mislabelled one usually does; with clean data the estimate is close to 0 (the training
+    losses are lower than the validation ones) and little is dropped.
+max_rho : float (default 0.8)
+    The estimate is capped here, so a bad warm-up cannot discard almost all data.
+
+``per_example()['weight']`` is the fraction of the example's visits on which it was kept (NaN if
+never seen); ``rho`` (a 0-d array) is the final drop rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm.data.types import Batch, iterate_batches
+from lfm.errors import LFMError
+from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.meta import method_options
+from lfm.train.optim import make_optimizer, set_lr
+
+
+def keep_smallest(loss: torch.Tensor, rho: float) -> torch.Tensor:
+    """(B,) bool mask of the ceil((1 - rho) * B) smallest losses (at least one).
+
+    Example
+    -------
+    >>> keep_smallest(torch.tensor([3.0, 1.0, 2.0, 0.5]), rho=0.5)
+    tensor([False,  True, False,  True])
+    """
+    k = max(1, math.ceil((1.0 - rho) * len(loss) - 1e-9))
+    mask = torch.zeros_like(loss, dtype=torch.bool)
+    mask[torch.topk(loss, k, largest=False).indices] = True
+    return mask
+
+
+def estimate_noise_rate(
+    train_losses: torch.Tensor, val_losses: torch.Tensor, quantile: float
+) -> float:
+    """Fraction of training losses above the `quantile` of the clean validation losses.
+
+    Example
+    -------
+    >>> estimate_noise_rate(torch.tensor([0.1, 0.2, 5.0, 6.0]), torch.tensor([0.1, 0.3, 0.5]), 1.0)
+    0.5
+    """
+    threshold = torch.quantile(val_losses.double(), quantile)
+    return float((train_losses.double() > threshold).double().mean())
+
+
+@torch.no_grad()
+def _split_losses(model: nn.Module, ctx: Context, split) -> torch.Tensor:
+    """Per-example CE of `model` on a whole split, in eval mode (no augmentation)."""
+    was = model.training
+    model.eval()
+    out = [
+        F.cross_entropy(model(ctx.bundle.inputs(b.x, train=False)), b.y, reduction="none").cpu()
+        for b in iterate_batches(split, 500, device=ctx.device, shuffle=False)
+    ]
+    model.train(was)
+    return torch.cat(out)
+
+
+class SmallLoss(Method):
+    """Cross-entropy on the lowest-loss (1 - rho) fraction of each batch."""
+
+    name = "small-loss"
+    defaults: dict[str, Any] = {
+        "rho": "auto",
+        "ramp": 0.1,
+        "warmup": 1,
+        "quantile": 0.95,
+        "max_rho": 0.8,
+    }
+
+    def setup(self, ctx: Context) -> None:
+        """One model, its optimizer, and the keep counters."""
+        self.opts = method_options(self.name, dict(ctx.options), self.defaults)
+        rho = self.opts["rho"]
+        self.auto = rho == "auto"
+        if not self.auto and not (isinstance(rho, int | float) and 0 <= rho < 1):
+            raise LFMError(
+                f"small-loss option rho={rho!r} is invalid", "use a number in [0, 1) or auto"
+            )
+        if not 0 < float(self.opts["quantile"]) <= 1:
+            raise LFMError("small-loss option quantile must be in (0, 1]", "use e.g. 0.95")
+        self.rho_target = None if self.auto else float(rho)
+        self.model = ctx.new_model()
+        self.opt = make_optimizer(self.model.parameters(), ctx.optim)
+        self.clip = ctx.optim.grad_clip
+        n = len(ctx.bundle.train)
+        self.kept = torch.zeros(n)
+        self.seen = torch.zeros(n)
+
+    def rho_at(self, ctx: Context) -> float:
+        """The drop rate of the current step."""
+        if self.rho_target is None:  # auto, still warming up
+            return 0.0
+        if self.auto:
+            return self.rho_target
+        ramp = float(self.opts["ramp"]) * ctx.total_steps
+        return self.rho_target * (min(1.0, ctx.step / ramp) if ramp > 0 else 1.0)
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One step on the mean loss of the kept examples."""
+        set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
+        rho = self.rho_at(ctx)
+        loss_i = F.cross_entropy(
+            self.model(ctx.bundle.inputs(batch.x, train=True)), batch.y, reduction="none"
+        )
+        keep = keep_smallest(loss_i.detach(), rho)
+        loss = loss_i[keep].mean()
+        if not torch.isfinite(loss):
+            raise LFMError(
+                f"the training loss became {loss.item()} at step {ctx.step}",
+                "lower --lr, or check the data for NaN values",
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        idx = batch.idx.cpu()
+        self.seen.index_add_(0, idx, torch.ones(len(idx)))
+        self.kept.index_add_(0, idx, keep.float().cpu())
+        return {"loss": loss.item(), "rho": rho}
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        """With rho=auto, estimate the noise rate once the warm-up is over."""
+        if self.auto and self.rho_target is None and ctx.epoch >= int(self.opts["warmup"]):
+            est = estimate_noise_rate(
+                _split_losses(self.model, ctx, ctx.bundle.train),
+                _split_losses(self.model, ctx, ctx.bundle.val),
+                float(self.opts["quantile"]),
+            )
+            self.rho_target = min(est, float(self.opts["max_rho"]))
+
+    def models(self) -> dict[str, nn.Module]:
+        """The single learner, named `model`."""
+        return {"model": self.model}
+
+    def per_example(self) -> dict[str, np.ndarray]:
+        """`weight` = fraction of visits kept; `seen` = visits; `rho` = the final drop rate."""
+        frac = torch.where(self.seen > 0, self.kept / self.seen.clamp(min=1), float("nan"))
+        rho = float("nan") if self.rho_target is None else self.rho_target
+        return {"weight": frac.numpy(), "seen": self.seen.numpy(), "rho": np.asarray(rho)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, counters and the estimated rho."""
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "kept": self.kept,
+            "seen": self.seen,
+            "rho_target": self.rho_target,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.kept, self.seen = state["kept"], state["seen"]
+        self.rho_target = state["rho_target"]
+
+
+METHODS.register(
+    "small-loss", "keep the (1 - rho) lowest-loss fraction of each batch (rho=auto: estimated)"
+)(SmallLoss)
