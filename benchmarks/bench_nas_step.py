@@ -1,0 +1,137 @@
+"""Time and memory of one architecture-search step: DARTS (1st, 2nd order) vs LFM-DARTS.
+
+    python benchmarks/bench_nas_step.py --small            # seconds on a CPU
+    python benchmarks/bench_nas_step.py --layers 8 --C 16 --batch 64 --device cuda   # the paper
+
+One process, the same CIFAR-shaped random batches for every method. Peak memory: on CUDA,
+torch.cuda.max_memory_allocated; on CPU, the peak bytes held by autograd's saved tensors
+(the activations a step keeps for backward, which is what grows with unrolling), measured with
+saved-tensor hooks. The issue's targets: LFM-DARTS <= 2x DARTS 2nd order in time without
+parameter sharing, <= 1.2x with sharing, memory <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lfm.data.types import DataBundle, Split
+from lfm.nas.search import SearchConfig, _Learners, _Stage
+
+
+class _SavedBytes:
+    """Peak bytes of tensors saved for backward, tracked through saved-tensor hooks."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def pack(self, t: torch.Tensor):
+        n = t.numel() * t.element_size()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        return _Token(t, n, self)
+
+    def unpack(self, tok):
+        return tok.t
+
+
+class _Token:
+    def __init__(self, t, n, owner):
+        self.t, self.n, self.owner = t, n, owner
+
+    def __del__(self):
+        self.owner.now -= self.n
+
+
+METHODS = {
+    "darts-1st": dict(method="darts", order=1),
+    "darts-2nd": dict(method="darts", order=2),
+    "lfm-darts (full V)": dict(method="lfm-darts", encoder="full"),
+    "lfm-darts (shared)": dict(method="lfm-darts", encoder="shared"),
+}
+
+
+def main() -> None:
+    """Parse flags, run every method, print a markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--C", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=32, help="image side (CIFAR: 32)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per method (after 1 warm-up)")
+    ap.add_argument("--hvp", default="fd", choices=["fd", "exact"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    ap.add_argument("--small", action="store_true", help="quick mode: 5 cells, C=8, batch 16")
+    args = ap.parse_args()
+    if args.small:
+        args.layers, args.C, args.batch = 5, 8, 16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = (3, args.size, args.size)
+    n = 4 * args.batch
+
+    def split() -> Split:
+        return Split(torch.randn(n, *shape), torch.randint(0, 10, (n,)), torch.arange(n))
+
+    bundle = DataBundle("random-cifar", 10, shape, split(), split(), split())
+    stage = _Stage(args.layers, 8, 1, 0, 0.0)
+    rows = []
+    for name, kw in METHODS.items():
+        cfg = SearchConfig(layers=args.layers, C=args.C, batch_size=args.batch, hvp=args.hvp, **kw)
+        ln = _Learners(
+            cfg,
+            bundle,
+            stage,
+            None,
+            None,
+            cfg.method.startswith("lfm"),
+            dev,
+            torch.Generator().manual_seed(0),
+        )
+        xs = [
+            (
+                bundle.train.x[i * args.batch : (i + 1) * args.batch].to(dev),
+                bundle.train.y[i * args.batch : (i + 1) * args.batch].to(dev),
+                bundle.val.x[i * args.batch : (i + 1) * args.batch].to(dev),
+                bundle.val.y[i * args.batch : (i + 1) * args.batch].to(dev),
+                torch.arange(i * args.batch, (i + 1) * args.batch, device=dev),
+            )
+            for i in range(4)
+        ]
+        meter = _SavedBytes()
+        times = []
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            for s in range(args.steps + 1):
+                t0 = time.perf_counter()
+                ln.step(*xs[s % 4], arch=True)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if s > 0:  # the first step pays for allocation and lazy init
+                    times.append(time.perf_counter() - t0)
+        mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else meter.peak
+        rows.append((name, statistics.median(times), mem / 2**20))
+        del ln
+    base_t = dict((r[0], r[1]) for r in rows)["darts-2nd"]
+    base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
+    print(
+        f"\ndevice {dev}, {args.layers} cells, C={args.C}, batch {args.batch}, "
+        f"{args.size}x{args.size}, hvp={args.hvp}, threads {torch.get_num_threads()}"
+    )
+    mem_kind = "peak CUDA MiB" if dev.type == "cuda" else "peak saved-for-backward MiB"
+    print(f"\n| method | s / step | x DARTS-2nd | {mem_kind} | x DARTS-2nd |")
+    print("|---|---|---|---|---|")
+    for name, t, m in rows:
+        print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m:.1f} | {m / base_m:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`lfm search`: DARTS, P-DARTS, LFM-DARTS or LFM-PDARTS; prints and draws the genotype."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lfm.cli.nas_args import add_data_args, config_with_overrides, data_config
+from lfm.device import resolve_device, seed_everything
+
+HELP = "search a cell architecture (DARTS, P-DARTS, LFM-DARTS, LFM-PDARTS) and save its genotype"
+_FLAGS = {
+    "method": "method",
+    "layers": "layers",
+    "C": "C",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "steps_per_epoch": "steps_per_epoch",
+    "order": "order",
+    "hvp": "hvp",
+    "encoder": "encoder",
+    "seed": "seed",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `lfm search`."""
+    from lfm.nas import SEARCH_PRESETS, SEARCHERS
+
+    p = sub.add_parser("search", help=HELP, description=HELP + ".")
+    p.add_argument(
+        "--method", help=f"search method: {', '.join(SEARCHERS.names())} (default darts)"
+    )
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"settings to start from: {', '.join(SEARCH_PRESETS)} (default tiny, for a CPU)",
+    )
+    p.add_argument("--layers", type=int, help="cells in the supernet (paper: 8)")
+    p.add_argument("--C", type=int, help="initial channels (paper: 16)")
+    p.add_argument("--epochs", type=int, help="search epochs (per stage for P-DARTS)")
+    p.add_argument("--batch-size", type=int, help="train and validation batch size")
+    p.add_argument("--steps-per-epoch", type=int, help="cap on batches per epoch")
+    p.add_argument("--order", type=int, choices=[1, 2], help="DARTS first or second order")
+    p.add_argument(
+        "--hvp",
+        choices=["fd", "exact"],
+        help="mixed second derivatives: finite differences or exact",
+    )
+    p.add_argument(
+        "--encoder",
+        choices=["full", "shared"],
+        help="LFM encoder V: a trained CNN, or W1's body (parameter sharing)",
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any other search setting (repeatable)"
+    )
+    p.add_argument("--config", help="YAML file with a `search:` section")
+    p.add_argument(
+        "--out", default="search-out", help="folder for genotype.json, genotype.png and search.json"
+    )
+    add_data_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Search, then save and print the genotype."""
+    from lfm.data.build import build_data
+    from lfm.nas import SearchConfig, config_from_preset, plot_genotype, run_search
+
+    cfg = config_with_overrides(
+        SearchConfig, config_from_preset(args.preset), args, "search", _FLAGS
+    )
+    seed_everything(cfg.seed)
+    bundle = build_data(data_config(args))
+    result = run_search(bundle, cfg, resolve_device(args.device), progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.genotype.save(out / "genotype.json")
+    plot_genotype(result.genotype, out / "genotype.png")
+    (out / "search.json").write_text(
+        json.dumps(
+            {
+                "config": cfg.__dict__,
+                "history": result.history,
+                "alphas": [a.tolist() for a in result.alphas],
+                "normal_ops": result.normal_ops,
+                "reduce_ops": result.reduce_ops,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"genotype ({cfg.method}):")
+    print(f"  normal: {result.genotype.normal}")
+    print(f"  reduce: {result.genotype.reduce}")
+    if result.history:
+        last = result.history[-1]
+        print(
+            "  last epoch: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        )
+    print(f"written: {out}/genotype.json, {out}/genotype.png, {out}/search.json")
+    return 0

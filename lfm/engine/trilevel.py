@@ -1,0 +1,338 @@
+"""One iteration of Algorithm 1 for LFM data reweighting, as three stage functions.
+
+    learn    (stage 1)  L1 = mean_i w(b_i) l_i(W1)          W1' = step1(W1, grad L1)
+    relearn  (stage 2)  u_j = CE(f(d_j; W1'), y_j)
+                        a_i = sigmoid(sum_j x_ij z_ij u_j r_j)
+                        L2 = mean_i a_i l_i(W2)               W2' = step2(W2, grad L2)
+    validate (stage 3)  L_val(W2') on the validation batch, and its hypergradients
+                        for b (batch entries), r (validation entries) and V's parameters.
+
+The same training batch is used in stages 1 and 2 (Algorithm 1 samples two; one batch halves
+the data cost and makes a_i and w(b_i) weigh the same examples). step1 / step2 are the learners'
+real SGD updates (`VirtualSGD`), so W1' and W2' *are* the next W1 and W2.
+
+Hypergradients (n = training batch size, xi = lr * d step / d grad, see `virtual.py`):
+
+    g2        = grad L_val(W2')
+    dL/da_i   = -xi2/n * g2 . grad l_i(W2)            one jvp (exact) or two forwards (fd)
+    dL/dV, dL/dr, dL/dW1'  = backward through a(x(V), r, u(W1'))   (one backward)
+    h         = dL/dW1'
+    dL/dw_i   = -xi1/n * h . grad l_i(W1)             one jvp (exact) or two forwards (fd)
+    dL/db     = (dw/db)^T dL/dw                        (tiny autograd through w(b))
+
+Where h comes from is the *b path*, the one place the variants differ:
+    `w2`       h = dL_val(W2')/dW1' through u (the paper);
+    `w2+w1val` h as above + lam * grad L_val(W1'): b also answers to W1's own validation loss;
+    `own-grad` h = W1's own clipped training gradient grad L1 (what the authors' code runs:
+               b never sees validation data);
+    `frozen`   no b update.
+The iteration does not touch the modules; `commit` applies the real updates afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lfm.engine.functional import Params, buffers_of, leaves, losses, norm, params_of
+from lfm.engine.hypergrad import directional
+from lfm.engine.virtual import VirtualSGD
+from lfm.errors import LFMError
+from lfm.reweight.function import attention, b_weights, label_match, reweight
+
+B_PATHS = ("w2", "w2+w1val", "own-grad", "frozen")
+
+
+@dataclass
+class Learner:
+    """A learner as the engine sees it: a module and its virtual (= real) SGD."""
+
+    module: nn.Module
+    sgd: VirtualSGD
+
+    def params(self) -> Params:
+        """Current trainable parameters (detached, shared storage)."""
+        return params_of(self.module)
+
+    def buffers(self) -> Params:
+        """Current buffers (BatchNorm running stats)."""
+        return buffers_of(self.module)
+
+
+@dataclass
+class IterOptions:
+    """How one iteration computes a and the hypergradients (see LFMConfig for the meaning)."""
+
+    backend: str = "exact"  # exact | fd
+    b_mode: str = "raw"  # raw | sigmoid | batch-normalised
+    similarity: str = "dot"  # dot | cosine | l2
+    temperature: float = 1.0  # softmax temperature of x
+    use_x: bool = True
+    use_u: bool = True
+    use_z: bool = True
+    a_norm: bool = False  # a_i / mean(a)
+    b_path: str = "w2"  # w2 | w2+w1val | own-grad | frozen
+    w1_val_weight: float = 1.0  # lam of the w2+w1val path
+    own_grad_clip: float = 5.0  # norm clip of W1's own gradient on the own-grad path
+
+
+@dataclass
+class Stage1:
+    """What `learn` produces: W1' and what stage 3 needs about W1."""
+
+    p1: Params  # W1 before the step (detached)
+    p1_new: Params  # W1'
+    m1_new: Params | None  # momentum buffers after the step
+    g1: Params  # grad L1 at W1
+    xi1: float
+    l1: Tensor  # (n,) per-example losses at W1
+    w: Tensor  # (n,) w(b)
+    L1: Tensor
+
+
+@dataclass
+class Stage2:
+    """What `relearn` produces: a, u and W2'."""
+
+    p1_leaf: Params  # W1' as autograd leaves (u's graph hangs from them)
+    u: Tensor  # (m,) with graph to W1'
+    a: Tensor  # (n,) with graph to V, r, u
+    p2: Params  # W2 before the step
+    p2_new: Params  # W2'
+    m2_new: Params | None
+    xi2: float
+    x2_tr: Tensor  # W2's input on the training batch (x, or shared-body features)
+    x2_val: Tensor
+    l2: Tensor  # (n,)
+    L2: Tensor
+
+
+@dataclass
+class IterResult:
+    """Everything one iteration computed; nothing has been applied yet."""
+
+    s1: Stage1 | None
+    s2: Stage2
+    L_val: Tensor
+    grad_b: Tensor | None  # (n,) dL/db for the batch entries
+    grad_r: Tensor  # (m,) dL/dr for the validation entries (batch, then bank)
+    grad_v: list[Tensor | None]  # dL/dV for each encoder parameter
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+def learn(w1: Learner, x: Tensor, y: Tensor, b: Tensor, opts: IterOptions, lr: float) -> Stage1:
+    """Stage 1: W1 learns on mean_i w(b_i) l_i(W1); W1' = the real SGD step."""
+    p1 = w1.params()
+    leaf = leaves(p1)
+    l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
+    w = b_weights(b.detach(), opts.b_mode)  # (n,)
+    L1 = (w * l1).mean()
+    g1 = dict(zip(leaf, torch.autograd.grad(L1, list(leaf.values())), strict=True))
+    c = w1.sgd.clip_coef(g1)
+    p1_new, m1_new = w1.sgd.step(p1, g1, lr, c)
+    return Stage1(p1, p1_new, m1_new, g1, w1.sgd.xi(lr, c), l1.detach(), w, L1.detach())
+
+
+def relearn(
+    w1: Learner,
+    w2: Learner,
+    p1_new: Params,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    r: Tensor,
+    embed: Callable[[Params], tuple[Tensor, Tensor]],
+    opts: IterOptions,
+    lr: float,
+    *,
+    w2_inputs: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
+    bank: tuple[Tensor, Tensor, Tensor] | None = None,
+    u_grad: bool = True,
+) -> Stage2:
+    """Stage 2: W2 relearns on mean_i a_i l_i(W2), a from W1's validation mistakes u.
+
+    embed(W1') -> (V(d_i) (n, K), V(d_j) (m0, K)) with graph to V's parameters.
+    w2_inputs(W1') -> W2's inputs on the two batches (default: x_tr, x_val).
+    bank: (embeddings (k, K), labels (k,), u (k,)) of earlier validation examples, constants,
+    appended after the batch's m0 entries; r must hold m0 + k entries in that order.
+    u_grad: build u's graph to W1' (needed by the w2 / w2+w1val b paths).
+    """
+    p1_leaf = leaves(p1_new) if u_grad else {k: v.detach() for k, v in p1_new.items()}
+    u = losses(w1.module, p1_leaf, w1.buffers(), x_val, y_val)  # (m0,), virtual pass
+    e_tr, e_val = embed(p1_new)  # (n, K), (m0, K)
+    yv, uu = y_val, u
+    if bank is not None:
+        e_val = torch.cat([e_val, bank[0]])  # (m, K)
+        yv = torch.cat([y_val, bank[1]])
+        uu = torch.cat([u, bank[2].to(u.dtype)])
+    x = attention(e_tr, e_val, opts.similarity, opts.temperature) if opts.use_x else None
+    z = label_match(y_tr, yv) if opts.use_z else None
+    a = reweight(x, z, uu if opts.use_u else None, r, normalise=opts.a_norm)  # (n,)
+
+    x2_tr, x2_val = (x_tr, x_val) if w2_inputs is None else w2_inputs(p1_new)
+    p2 = w2.params()
+    leaf = leaves(p2)
+    l2 = losses(w2.module, leaf, w2.buffers(), x2_tr, y_tr, update_stats=True)  # real pass
+    L2 = (a.detach() * l2).mean()
+    g2 = dict(zip(leaf, torch.autograd.grad(L2, list(leaf.values())), strict=True))
+    c = w2.sgd.clip_coef(g2)
+    p2_new, m2_new = w2.sgd.step(p2, g2, lr, c)
+    return Stage2(
+        p1_leaf,
+        u,
+        a,
+        p2,
+        p2_new,
+        m2_new,
+        w2.sgd.xi(lr, c),
+        x2_tr,
+        x2_val,
+        l2.detach(),
+        L2.detach(),
+    )
+
+
+def validate(
+    w1: Learner,
+    w2: Learner,
+    s1: Stage1 | None,
+    s2: Stage2,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    y_val: Tensor,
+    b: Tensor | None,
+    r: Tensor,
+    v_params: list[Tensor],
+    opts: IterOptions,
+) -> IterResult:
+    """Stage 3: L_val(W2') and the hypergradients for b, r and V (module docstring)."""
+    hyper = directional(opts.backend)
+    n = len(y_tr)
+    p2n = leaves(s2.p2_new)
+    L_val = losses(w2.module, p2n, w2.buffers(), s2.x2_val, y_val).mean()  # virtual pass
+    g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
+
+    # dL/da_i = -xi2/n * g_val . grad l_i(W2)
+    dL_da = -s2.xi2 / n * hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, g_val)  # (n,)
+
+    through_u = s1 is not None and b is not None and opts.b_path in ("w2", "w2+w1val")
+    objective = (s2.a * dL_da.to(s2.a.dtype)).sum()
+    if through_u and opts.b_path == "w2+w1val":
+        objective = objective + opts.w1_val_weight * s2.u.mean()  # + lam * L_val(W1')
+    p1_leaves = list(s2.p1_leaf.values()) if through_u else []
+    wrt = [*v_params, r, *p1_leaves]
+    grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+    grad_v = list(grads[: len(v_params)])
+    grad_r = grads[len(v_params)]
+    grad_r = torch.zeros_like(r) if grad_r is None else grad_r
+    logs: dict[str, Tensor] = {
+        "L_val": L_val.detach(),
+        "a_mean": s2.a.detach().mean(),
+        "u_mean": s2.u.detach().mean(),
+        "L2": s2.L2,
+        "hg_a": dL_da.norm(),
+        "hg_r": grad_r.norm(),
+    }
+    if v_params:
+        logs["hg_v"] = torch.sqrt(
+            sum(((g**2).sum() for g in grad_v if g is not None), torch.zeros((), device=r.device))
+        )
+
+    grad_b = None
+    if s1 is not None and b is not None and opts.b_path != "frozen":
+        if opts.b_path == "own-grad":  # the authors' code: W1's own clipped training gradient
+            gn = float(norm(s1.g1))
+            c = min(1.0, opts.own_grad_clip / (gn + 1e-6))
+            h = {k: v * c for k, v in s1.g1.items()}
+        else:
+            h = {
+                k: (g if g is not None else torch.zeros_like(s2.p1_leaf[k]))
+                for k, g in zip(s2.p1_leaf, grads[len(v_params) + 1 :], strict=True)
+            }
+        logs["hg_h"] = norm(h)
+        # dL/dw_i = -xi1/n * h . grad l_i(W1)
+        dL_dw = -s1.xi1 / n * hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h)  # (n,)
+        bl = b.detach().requires_grad_(True)
+        (grad_b,) = torch.autograd.grad(b_weights(bl, opts.b_mode), bl, dL_dw.to(bl.dtype))
+        logs["hg_b"] = grad_b.norm()
+    if s1 is not None:
+        logs["L1"] = s1.L1
+        logs["w_mean"] = s1.w.mean()
+    return IterResult(s1, s2, L_val.detach(), grad_b, grad_r, grad_v, logs)
+
+
+def iteration(
+    w1: Learner,
+    w2: Learner,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    b: Tensor,
+    r: Tensor,
+    embed: Callable[[Params], tuple[Tensor, Tensor]],
+    v_params: list[Tensor],
+    opts: IterOptions,
+    lr1: float,
+    lr2: float,
+    *,
+    w2_inputs: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
+    bank: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> IterResult:
+    """learn -> relearn -> validate on one training and one validation batch.
+
+    b: (n,) the batch's entries of b; r: (m,) leaf requiring grad, the validation entries.
+    Returns the hypergradients and W1', W2' (apply them with `commit`).
+    """
+    s1 = learn(w1, x_tr, y_tr, b, opts, lr1)
+    s2 = relearn(
+        w1,
+        w2,
+        s1.p1_new,
+        x_tr,
+        y_tr,
+        x_val,
+        y_val,
+        r,
+        embed,
+        opts,
+        lr2,
+        w2_inputs=w2_inputs,
+        bank=bank,
+        u_grad=opts.b_path in ("w2", "w2+w1val"),
+    )
+    return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts)
+
+
+def check_finite(res: IterResult, step: int) -> None:
+    """LFMError naming the level and step if any loss or hypergradient is NaN or inf."""
+    checks: list[tuple[str, Tensor]] = [
+        ("stage 1 (learn) loss", res.logs.get("L1", torch.zeros(()))),
+        ("stage 2 (relearn) loss", res.s2.L2),
+        ("stage 2 (relearn) weights a", res.s2.a.detach()),
+        ("stage 3 (validate) loss", res.L_val),
+        ("stage 3 hypergradient of r", res.grad_r),
+    ]
+    if res.grad_b is not None:
+        checks.append(("stage 3 hypergradient of b", res.grad_b))
+    checks += [("stage 3 hypergradient of V", g) for g in res.grad_v if g is not None]
+    dev = res.s2.a.device
+    ok = torch.stack([torch.isfinite(t.detach()).all().to(dev) for _, t in checks]).cpu()
+    if not bool(ok.all()):
+        bad = checks[int((~ok).nonzero()[0, 0])][0]
+        raise LFMError(
+            f"{bad} became NaN or inf at step {step}",
+            "lower the learners' lr, b_lr / r_lr / v_lr, or use backend 'exact'; "
+            "check the data for NaN values",
+        )
+
+
+def commit(w1: Learner | None, w2: Learner, res: IterResult) -> None:
+    """Make W1' and W2' the learners' weights (the real SGD updates), with momentum buffers."""
+    if w1 is not None and res.s1 is not None:
+        w1.sgd.commit(w1.module, res.s1.p1_new, res.s1.m1_new)
+    w2.sgd.commit(w2.module, res.s2.p2_new, res.s2.m2_new)

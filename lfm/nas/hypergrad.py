@@ -1,0 +1,413 @@
+"""Hypergradients of differentiable NAS: DARTS's unrolled alpha gradient and LFM-DARTS's.
+
+References:
+- Liu et al., "DARTS: Differentiable Architecture Search", ICLR 2019, eq. (7)-(8) and
+  `architect.py`: the virtual step w' = w - xi * (momentum * buf + grad + wd * w) and the
+  central finite difference with eps = 0.01 / ||v||.
+- Zhang, Garg, Sridhara, Hosseini, Xie, "Learning From Mistakes" (IEEE TAI 2025), eq. (8) and
+  Algorithm 1: W1' (stage 1, learns), W2' on a-weighted losses (stage 2, relearns on W1's
+  mistakes), validation loss at W2' for alpha, V and r (stage 3, validates).
+
+Everything is a function of parameter dicts (`Params`) and of `alphas`, with the supernet as
+a pure function (`functional_call`; its BatchNorm uses batch statistics only). Each mixed
+second derivative `grad_b <grad_w f(w, b), v>` has two backends:
+
+- `exact`: torch.func, vjp of (b -> grad_w f(w, b)) at v ("vjp of grad"; one double backward);
+- `fd`: central finite differences (grad_b f(w + eps v, b) - grad_b f(w - eps v, b)) / (2 eps),
+  eps = 0.01 / ||v|| with the norm in fp32, as DARTS: two extra first-order passes.
+
+The DARTS second-order alpha gradient (eq. 7):
+    dL_val(w', alpha)/d alpha = grad_alpha L_val(w', alpha)
+                                - xi * grad_alpha <grad_w L_train(w, alpha), v>,
+    v = grad_w' L_val(w', alpha).
+The virtual step's momentum buffer and weight decay do not depend on alpha, so they change w'
+but add no term. Gradient clipping of the real step is left out of the virtual step, as in DARTS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lfm.errors import LFMError
+from lfm.nas.supernet import Alphas
+
+Params = dict[str, Tensor]
+HVP_BACKENDS = ("exact", "fd")
+
+
+@dataclass
+class SGDView:
+    """The parts of the weight optimizer a virtual step must mimic (torch SGD, dampening 0)."""
+
+    lr: float  # xi: DARTS uses the current weight learning rate
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    buf: Params | None = None  # momentum buffers by parameter name; None before the first step
+
+
+def sgd_view(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> SGDView:
+    """Read lr, momentum, weight decay and momentum buffers of `opt` for parameters `named`."""
+    g = opt.param_groups[0]
+    buf = {}
+    for k, p in named.items():
+        st = opt.state.get(p, {})
+        if st.get("momentum_buffer") is not None:
+            buf[k] = st["momentum_buffer"]
+    return SGDView(g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), buf or None)
+
+
+def virtual_step(w: Params, g: Params, sgd: SGDView) -> Params:
+    """w' = w - xi * (momentum * buf + g + wd * w): exactly torch SGD's next iterate."""
+    out = {}
+    for k, wk in w.items():
+        d = g[k] + sgd.weight_decay * wk
+        if sgd.buf is not None and k in sgd.buf:
+            d = d + sgd.momentum * sgd.buf[k]
+        out[k] = wk - sgd.lr * d
+    return out
+
+
+def flat_norm(v: Sequence[Tensor]) -> Tensor:
+    """||v|| over all tensors, computed in fp32 (DARTS's eps = 0.01 / ||v||)."""
+    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in v))
+
+
+def _detached_leaves(w: Params) -> Params:
+    return {k: v.detach().requires_grad_(True) for k, v in w.items()}
+
+
+def _grads_or_zeros(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor, ...]:
+    """autograd.grad, with zeros for unused inputs (alpha_normal of a net with no normal cell)."""
+    gs = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs, strict=True))
+
+
+def ce_loss(
+    net: nn.Module,
+    w: Params,
+    alphas: Alphas,
+    x: Tensor,
+    y: Tensor,
+    head: int = 0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the supernet with weights `w` and architecture `alphas`."""
+    logits = functional_call(net, w, (x, alphas), {"head": head})
+    return F.cross_entropy(logits, y, reduction=reduction)
+
+
+def mixed_grad(
+    fn: Callable[[Params, tuple[Tensor, ...]], Tensor],
+    w: Params,
+    b: tuple[Tensor, ...],
+    v: Params,
+    backend: str = "fd",
+    fd_scale: float = 0.01,
+) -> tuple[Tensor, ...]:
+    """grad_b <grad_w fn(w, b), v>: the mixed second derivative of scalar `fn` along v.
+
+    w, v: dicts of the same keys; b: a tuple of tensors. Returns one tensor per entry of b.
+    fd_scale: the finite-difference step is eps = fd_scale / ||v|| (DARTS: 0.01), i.e. the
+    weights move by fd_scale in norm. Across ReLU / max-pool kinks a step that size can be far
+    from the derivative on small networks (see tests/test_nas_hypergrad.py).
+    """
+    b = tuple(t.detach() for t in b)
+    w = {k: t.detach() for k, t in w.items()}
+    v = {k: t.detach() for k, t in v.items()}
+    if backend == "exact":
+
+        def grad_w(bb: tuple[Tensor, ...]) -> Params:
+            return torch.func.grad(lambda ww: fn(ww, bb))(w)
+
+        _, vjp_fn = torch.func.vjp(grad_w, b)
+        return tuple(vjp_fn(v)[0])
+    if backend == "fd":
+        eps = fd_scale / flat_norm(list(v.values())).clamp_min(1e-12).item()
+        grads = []
+        for sign in (1.0, -1.0):
+            wp = {k: w[k] + sign * eps * v[k] for k in w}
+            bb = tuple(t.requires_grad_(True) for t in (t.detach() for t in b))
+            grads.append(torch.autograd.grad(fn(wp, bb), bb, allow_unused=True))
+        out = []
+        for gp, gm, t in zip(grads[0], grads[1], b, strict=True):
+            if gp is None:
+                out.append(torch.zeros_like(t))
+            else:
+                out.append((gp - gm) / (2 * eps))
+        return tuple(out)
+    raise LFMError(f"hypergradient backend {backend!r} is unknown", f"use one of {HVP_BACKENDS}")
+
+
+@dataclass
+class DartsGrad:
+    """The alpha gradient of one DARTS architecture step and the validation loss it came from."""
+
+    alphas: tuple[Tensor, Tensor]
+    loss_val: float
+
+
+def darts_alpha_grad(
+    net: nn.Module,
+    w: Params,
+    alphas: Alphas,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    sgd: SGDView | None = None,
+    order: int = 2,
+    backend: str = "fd",
+    fd_scale: float = 0.01,
+) -> DartsGrad:
+    """DARTS's architecture gradient: first order (grad_alpha L_val(w)) or second order (eq. 7)."""
+    a = tuple(t.detach().requires_grad_(True) for t in alphas)
+    if order == 1:
+        lv = ce_loss(net, {k: t.detach() for k, t in w.items()}, a, *val)
+        return DartsGrad(_grads_or_zeros(lv, a), float(lv.detach()))
+    if sgd is None:
+        raise LFMError("second-order DARTS needs the weight optimizer's state", "pass sgd=SGDView")
+    # virtual step w' = w - xi (mu buf + grad_w L_train(w, alpha) + wd w), no graph kept
+    w0 = _detached_leaves(w)
+    g = torch.autograd.grad(
+        ce_loss(net, w0, tuple(t.detach() for t in a), *train), list(w0.values())
+    )
+    w1 = _detached_leaves(
+        virtual_step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)), sgd)
+    )
+    lv = ce_loss(net, w1, a, *val)
+    grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
+    d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
+    mixed = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, *train), w, a, v, backend, fd_scale)
+    d = tuple(d - sgd.lr * m for d, m in zip(d_alpha, mixed, strict=True))
+    return DartsGrad(d, float(lv.detach()))
+
+
+# ---------------------------------------------------------------------------------------------
+# LFM-DARTS: B = alpha shared by the two learners W1 and W2.
+
+
+@dataclass
+class LFMGrad:
+    """Everything one LFM-DARTS iteration produces: hypergradients and the learners' gradients."""
+
+    alphas: tuple[Tensor, Tensor]  # d L_val(W2') / d alpha, all terms
+    r: Tensor  # (m,) gradient w.r.t. r of the validation batch's examples
+    encoder: Params | None  # gradient w.r.t. V's parameters (None in `shared` mode)
+    g1: Params  # grad of stage-1 loss at W1 (the real step reuses it)
+    g2: Params  # grad of stage-2 loss at W2 with a fixed (the real step reuses it)
+    a: Tensor  # (n,) stage-2 weights of the training batch
+    u: Tensor  # (m,) W1's mistakes on the validation batch
+    loss_train: float  # stage-1 loss L1(W1)
+    loss_val: float  # stage-3 loss L_val(W2')
+
+
+def _encode(encoder: nn.Module, enc: Params, xt: Tensor, xv: Tensor) -> tuple[Tensor, Tensor]:
+    """V(d_i), V(d_j) from one pass over both batches (so BatchNorm sees them together)."""
+    e = functional_call(encoder, enc, (torch.cat([xt, xv]),)).flatten(1)  # (n + m, K)
+    return e[: len(xt)], e[len(xt) :]
+
+
+def _stage2_weights(e_tr, e_val, yt, yv, u, r, similarity) -> Tensor:
+    """a_i = sigmoid(sum_j x_ij z_ij u_j r_j) via lfm.reweight (paper eqs. 2-5)."""
+    from lfm.reweight import attention, label_match, reweight
+
+    x = attention(e_tr, e_val, similarity)  # (n, m), rows sum to 1
+    z = label_match(yt, yv)  # (n, m)
+    return reweight(x, z, u, r)  # (n,)
+
+
+def lfm_nas_grad(
+    net: nn.Module,
+    w1: Params,
+    w2: Params,
+    alphas: Alphas,
+    r: Tensor,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    sgd1: SGDView,
+    sgd2: SGDView,
+    encoder: nn.Module | None = None,
+    enc: Params | None = None,
+    backend: str = "fd",
+    similarity: str = "dot",
+    fd_scale: float = 0.01,
+) -> LFMGrad:
+    """One LFM-DARTS hypergradient with separate learners W1, W2 (`full` encoder mode).
+
+    Stage 1 (learns):     W1' = vstep(W1, grad_W1 L_train(W1, alpha))
+    Stage 2 (relearns):   u_j = CE(f(d_j; W1', alpha)), a = sigmoid(sum_j x_ij z_ij u_j r_j),
+                          W2' = vstep(W2, grad_W2 mean_i a_i l_i(W2, alpha))
+    Stage 3 (validates):  L = L_val(W2', alpha);
+      dL/dalpha = d_alpha L (direct)
+                - xi2 * grad_alpha <grad_W2 L2(W2, alpha, a), v2>          (through W2')
+                + (dL/da)(da/du)(du/dalpha) (direct, u's forward pass)
+                - xi1 * grad_alpha <grad_W1 L1(W1, alpha), h>              (through W1'),
+      with v2 = dL/dW2', dL/da_i = -xi2 * grad_a <grad_W2 L2, v2>, h = (dL/da)(da/du) du/dW1'.
+    `net` is the supernet architecture; w1, w2 are its two weight sets; r is (m,) for the batch.
+    """
+    xt, yt = train
+    xv, yv = val
+    a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
+    a_d = tuple(t.detach() for t in alphas)
+    # stage 1: W1' (no graph: the W1 term is a mixed derivative computed below)
+    w1l = _detached_leaves(w1)
+    l1 = ce_loss(net, w1l, a_d, xt, yt)
+    g1 = dict(zip(w1l, torch.autograd.grad(l1, list(w1l.values())), strict=True))
+    w1p = _detached_leaves(virtual_step({k: t.detach() for k, t in w1.items()}, g1, sgd1))
+    # stage 2: u on the validation batch at W1', the weights a, and W2'
+    encl = _detached_leaves(enc or {})
+    rl = r.detach().requires_grad_(True)
+
+    def u_path() -> tuple[Tensor, Tensor]:
+        u = ce_loss(net, w1p, a_, xv, yv, reduction="none")  # (m,), graph to W1' and alpha
+        e_tr, e_val = _encode(encoder, encl, xt, xv)
+        return _stage2_weights(e_tr, e_val, yt, yv, u, rl, similarity), u  # (n,), (m,)
+
+    # values first; the graph of the u-path is rebuilt at the end (one more forward on the
+    # validation batch) rather than held through the W2' passes, to keep peak memory down
+    with torch.no_grad():
+        a, u = u_path()
+    w2l = _detached_leaves(w2)
+    l2 = (a.detach() * ce_loss(net, w2l, a_d, xt, yt, reduction="none")).mean()
+    g2 = dict(zip(w2l, torch.autograd.grad(l2, list(w2l.values())), strict=True))
+    w2p = _detached_leaves(virtual_step({k: t.detach() for k, t in w2.items()}, g2, sgd2))
+    # stage 3: validation loss at W2'
+    lv = ce_loss(net, w2p, a_, xv, yv)
+    gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
+    d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
+
+    # through W2': mixed derivative of L2 w.r.t. (alpha, a) along v2
+    def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
+        return (bb[2] * ce_loss(net, ww, (bb[0], bb[1]), xt, yt, reduction="none")).mean()
+
+    m2 = mixed_grad(f2, w2, (*a_d, a.detach()), v2, backend, fd_scale)
+    d_a = -sgd2.lr * m2[2]  # (n,) dL/da
+    # back through a -> (u -> (alpha, W1'), x -> V, r)
+    enc_keys = list(encl)
+    back = _grads_or_zeros(
+        u_path()[0],
+        list(a_) + list(w1p.values()) + [encl[k] for k in enc_keys] + [rl],
+        grad_outputs=d_a,
+    )
+    d_u_alpha = back[:2]
+    h = dict(zip(w1p, back[2 : 2 + len(w1p)], strict=True))
+    d_enc = dict(zip(enc_keys, back[2 + len(w1p) : -1], strict=True))
+    d_r = back[-1]
+    # through W1': mixed derivative of L1 w.r.t. alpha along h
+    m1 = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, xt, yt), w1, a_d, h, backend, fd_scale)
+    d_alpha = tuple(
+        d0 - sgd2.lr * m2_ + du - sgd1.lr * m1_
+        for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
+    )
+    return LFMGrad(
+        d_alpha,
+        d_r,
+        d_enc,
+        g1,
+        g2,
+        a.detach(),
+        u.detach(),
+        float(l1.detach()),
+        float(lv.detach()),
+    )
+
+
+def head_keys(w: Params, head: int) -> list[str]:
+    """Names of the parameters of classifier head `head` of a Supernet."""
+    return [k for k in w if k.startswith(f"heads.{head}.")]
+
+
+def lfm_nas_grad_shared(
+    net: nn.Module,
+    w: Params,
+    alphas: Alphas,
+    r: Tensor,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    sgd: SGDView,
+    backend: str = "fd",
+    similarity: str = "dot",
+    fd_scale: float = 0.01,
+) -> LFMGrad:
+    """LFM-DARTS with parameter sharing (paper Table X): one body S, heads H1 (W1) and H2 (W2).
+
+    W1 = (S, H1), W2 = (S, H2); V(d) = the body's pooled features at (S, alpha), detached
+    (V is W1's feature extractor, trained through W1, with no gradient from stage 3).
+    Stage 1 unrolls only W1's head: H1' = vstep(H1, grad_H1 L1) (the body is shared, so its
+    update is part of stage 2); u_j = CE(H1'(S(d_j))). Stage 2 unrolls the shared body and H2
+    on the body's loss L1 + mean_i a_i l_i(S, H2): W2' = vstep((S, H2), grad). The alpha
+    gradient is the direct term, the W2' term (mixed derivative, fd or exact) and the u term
+    (exact autograd: u depends on alpha through S's features and through H1', a head step
+    on the training features). `net` needs heads=2; `w` holds S, H1 (heads.0), H2 (heads.1).
+    """
+    xt, yt = train
+    xv, yv = val
+    k1, k2 = head_keys(w, 0), head_keys(w, 1)
+    ks = [k for k in w if k not in k1 and k not in k2]
+    a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
+    a_d = tuple(t.detach() for t in alphas)
+    rl = r.detach().requires_grad_(True)
+
+    def u_path(wl: Params, a: tuple[Tensor, ...]):
+        """Stage 1 and the weights a. With a graph to alpha only when `a` requires grad."""
+        f_tr, (o1, o2) = functional_call(net, wl, (xt, a), {"all_heads": True})  # one body pass
+        l1 = F.cross_entropy(o1, yt)
+        # H1' keeps a graph (head only: cheap), so u sees alpha through the train features
+        gh1 = torch.autograd.grad(
+            l1, [wl[k] for k in k1], retain_graph=True, create_graph=a[0].requires_grad
+        )
+        h1p = virtual_step({k: wl[k] for k in k1}, dict(zip(k1, gh1, strict=True)), sgd)
+        with torch.set_grad_enabled(a[0].requires_grad):  # pass 1 needs values only
+            f_val = functional_call(net, wl, (xv, a), {"all_heads": True})[0]
+            u = F.cross_entropy(
+                F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv, reduction="none"
+            )  # (m,)
+        a_w = _stage2_weights(f_tr.detach(), f_val.detach(), yt, yv, u, rl, similarity)  # (n,)
+        return a_w, u, l1, o2, gh1
+
+    # pass 1, no graph to alpha: the weights a, and W2's step from the same body pass.
+    # The u-path graph is rebuilt at the end (pass 2) instead of being held through the
+    # W2' passes: one more body pass on each batch, but peak memory stays near DARTS's.
+    wl = _detached_leaves(w)
+    a, u, l1, o2, gh1 = u_path(wl, a_d)
+    l2 = (a.detach() * F.cross_entropy(o2, yt, reduction="none")).mean()
+    k_w2 = ks + k2
+    g = torch.autograd.grad(l1 + l2, [wl[k] for k in k_w2])
+    g2 = dict(zip(k_w2, g, strict=True))
+    l1, a, u = l1.detach(), a.detach(), u.detach()  # let pass 1's graphs go
+    g1 = {k: t.detach() for k, t in zip(k1, gh1, strict=True)}
+    del o2, gh1, l2
+    w_w2 = {k: w[k].detach() for k in k_w2}
+    w2p = _detached_leaves(virtual_step(w_w2, g2, sgd))
+    h1 = {k: w[k].detach() for k in k1}
+    lv = F.cross_entropy(functional_call(net, w2p | h1, (xv, a_), {"head": 1}), yv)
+    gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
+    d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
+
+    def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
+        _, (p1, p2) = functional_call(net, ww | h1, (xt, (bb[0], bb[1])), {"all_heads": True})
+        return F.cross_entropy(p1, yt) + (bb[2] * F.cross_entropy(p2, yt, reduction="none")).mean()
+
+    m2 = mixed_grad(f2, w_w2, (*a_d, a.detach()), v2, backend, fd_scale)
+    d_a = -sgd.lr * m2[2]
+    # pass 2: the u-path with a graph to alpha and r, back-propagated at once
+    a2 = u_path(_detached_leaves(w), a_)[0]
+    back = _grads_or_zeros(a2, list(a_) + [rl], grad_outputs=d_a)
+    d_alpha = tuple(
+        d0 - sgd.lr * m + du for d0, m, du in zip(d_direct, m2[:2], back[:2], strict=True)
+    )
+    return LFMGrad(
+        d_alpha,
+        back[2],
+        None,
+        g1,
+        g2,
+        a.detach(),
+        u.detach(),
+        float(l1.detach()),
+        float(lv.detach()),
+    )

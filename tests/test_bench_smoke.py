@@ -1,0 +1,24 @@
+"""The benchmark runs end to end at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+def test_bench_dr_step_runs_small(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dr_step.py"
+    spec = importlib.util.spec_from_file_location("bench_dr_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:  # one thread: the 2-core CI machine is often shared, and oversubscription is slow
+        rows = mod.main(
+            ["--small", "--batch", "4", "--iters", "1", "--model", "fallback", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 7 and all(r["sec"] > 0 for r in rows)
+    assert "x CE step" in capsys.readouterr().out

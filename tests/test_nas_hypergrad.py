@@ -1,0 +1,209 @@
+"""The NAS hypergradients agree with autograd through the explicitly unrolled graph.
+
+Every comparison runs in float64 on one fixed batch. The supernet's BatchNorm always uses
+batch statistics (no running stats), so the reference and the method under test normalise
+with exactly the same statistics.
+
+Finite differences and kinks: with DARTS's step eps = 0.01 / ||v|| the weights move by 0.01
+in norm, which on a tiny ReLU / max-pool supernet crosses enough kinks that the central
+difference is off by O(1) (measured: relative error 1-9). So the fd backend is checked (a) at
+DARTS's step on a smooth supernet (Softplus, no max-pool), to 1e-3, and (b) on the real
+supernet with a small step (1e-6), which checks the implementation, not the approximation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm.nas.hypergrad import (
+    SGDView,
+    ce_loss,
+    darts_alpha_grad,
+    head_keys,
+    lfm_nas_grad,
+    lfm_nas_grad_shared,
+    virtual_step,
+)
+from lfm.nas.ops import PRIMITIVES
+from lfm.nas.supernet import Supernet, batch_stats_only
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions run faster on one thread, and the 2-core CI box is shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _smooth(net: nn.Module) -> nn.Module:
+    """Swap every ReLU for a Softplus, so that finite differences converge at DARTS's step."""
+    for m in net.modules():
+        for name, c in list(m.named_children()):
+            if isinstance(c, nn.ReLU):
+                setattr(m, name, nn.Softplus(beta=5.0))
+    return net
+
+
+def _setup(seed: int = 0, heads: int = 1, smooth: bool = False):
+    torch.manual_seed(seed)
+    ops = [[p for p in PRIMITIVES if p != "max_pool_3x3"]] * 14 if smooth else None
+    # 3 cells: reduction cells at 1 and 2, so both alpha_normal and alpha_reduce are used
+    net = Supernet(4, 3, 3, (1, 8, 8), heads=heads, normal_ops=ops, reduce_ops=ops).double()
+    if smooth:
+        _smooth(net)
+    # larger alphas than DARTS's 1e-3 init so the softmax is far from uniform (a stronger test)
+    an, ar = (0.5 * t.double() for t in net.new_alphas(scale=1.0))
+    w = {k: p.detach().clone() for k, p in net.named_parameters()}
+    buf = {k: 0.1 * torch.randn_like(p) for k, p in w.items()}
+    sgd = SGDView(lr=0.05, momentum=0.9, weight_decay=3e-4, buf=buf)
+    xt, yt = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    xv, yv = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 0, 1, 2])
+    return net, w, (an, ar), sgd, (xt, yt), (xv, yv)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------- DARTS
+
+
+def _darts_reference(net, w, alphas, sgd, train, val):
+    """Autograd through w' = w - xi (mu buf + grad + wd w) built with create_graph=True."""
+    a = tuple(t.clone().requires_grad_(True) for t in alphas)
+    w0 = {k: t.clone().requires_grad_(True) for k, t in w.items()}
+    g = torch.autograd.grad(ce_loss(net, w0, a, *train), list(w0.values()), create_graph=True)
+    w1 = virtual_step(w0, dict(zip(w0, g, strict=True)), sgd)
+    return torch.autograd.grad(ce_loss(net, w1, a, *val), a)
+
+
+@pytest.mark.parametrize(
+    "backend,smooth,fd_scale,tol",
+    [("exact", False, 0.01, 1e-6), ("fd", True, 0.01, 1e-3), ("fd", False, 1e-6, 1e-4)],
+)
+def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, tol):
+    net, w, alphas, sgd, train, val = _setup(smooth=smooth)
+    ref = _darts_reference(net, w, alphas, sgd, train, val)
+    got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, backend, fd_scale).alphas
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) < tol, (_rel(g, r), backend)
+
+
+def test_darts_first_order_is_direct_gradient():
+    net, w, alphas, _, _, val = _setup()
+    a = tuple(t.clone().requires_grad_(True) for t in alphas)
+    ref = torch.autograd.grad(ce_loss(net, w, a, *val), a)
+    got = darts_alpha_grad(net, w, alphas, None, val, order=1).alphas
+    for g, r in zip(got, ref, strict=True):
+        assert torch.allclose(g, r)
+
+
+# ------------------------------------------------------------------------------------ LFM-DARTS
+
+
+def _encoder() -> nn.Module:
+    torch.manual_seed(1)
+    enc = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, 5),
+    )  # fmt: skip
+    return batch_stats_only(enc).double()
+
+
+def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val):
+    """Autograd through W1' -> u -> a -> W2' -> L_val, every step built with create_graph."""
+    (xt, yt), (xv, yv) = train, val
+    a_ = tuple(t.clone().requires_grad_(True) for t in alphas)
+    rl = r.clone().requires_grad_(True)
+    e = {k: t.clone().requires_grad_(True) for k, t in encp.items()}
+    w1l = {k: t.clone().requires_grad_(True) for k, t in w1.items()}
+    w2l = {k: t.clone().requires_grad_(True) for k, t in w2.items()}
+    g1 = torch.autograd.grad(ce_loss(net, w1l, a_, xt, yt), list(w1l.values()), create_graph=True)
+    w1p = virtual_step(w1l, dict(zip(w1l, g1, strict=True)), sgd1)
+    u = ce_loss(net, w1p, a_, xv, yv, reduction="none")
+    emb = torch.func.functional_call(enc, e, (torch.cat([xt, xv]),))
+    x = torch.softmax(emb[:4] @ emb[4:].T, dim=1)
+    z = (yt[:, None] == yv[None]).double()
+    a = torch.sigmoid((x * z * u[None] * rl[None]).sum(1))
+    l2 = (a * ce_loss(net, w2l, a_, xt, yt, reduction="none")).mean()
+    g2 = torch.autograd.grad(l2, list(w2l.values()), create_graph=True)
+    w2p = virtual_step(w2l, dict(zip(w2l, g2, strict=True)), sgd2)
+    lv = ce_loss(net, w2p, a_, xv, yv)
+    keys = list(e)
+    gr = torch.autograd.grad(lv, [*a_, rl, *[e[k] for k in keys]])
+    return gr[:2], gr[2], dict(zip(keys, gr[3:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "backend,smooth,fd_scale,tol", [("exact", False, 0.01, 1e-6), ("fd", True, 0.01, 1e-3)]
+)
+def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol):
+    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth)
+    w2 = {k: t + 0.05 * torch.randn_like(t) for k, t in w1.items()}
+    sgd2 = SGDView(0.03, 0.9, 3e-4, {k: 0.1 * torch.randn_like(t) for k, t in w2.items()})
+    r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
+    enc = _encoder()
+    encp = {k: p.detach().clone() for k, p in enc.named_parameters()}
+    ref_a, ref_r, ref_e = _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val)
+    got = lfm_nas_grad(
+        net, w1, w2, alphas, r, train, val, sgd1, sgd2, enc, encp, backend, fd_scale=fd_scale
+    )
+    for g, ref in zip(got.alphas, ref_a, strict=True):
+        assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
+    assert _rel(got.r, ref_r) < tol, ("r", _rel(got.r, ref_r))
+    ge = torch.cat([got.encoder[k].flatten() for k in ref_e])
+    re = torch.cat([ref_e[k].flatten() for k in ref_e])
+    assert _rel(ge, re) < tol, ("V", _rel(ge, re))
+
+
+def _lfm_shared_reference(net, w, alphas, r, sgd, train, val):
+    """Autograd through the parameter-sharing unroll (see lfm_nas_grad_shared) with create_graph.
+
+    a is a data weight in stage 2: it depends on alpha (through u) but W2's step does not
+    differentiate a w.r.t. the shared body, so the u-path reads a constant copy of the weights.
+    """
+    (xt, yt), (xv, yv) = train, val
+    k1, k2 = head_keys(w, 0), head_keys(w, 1)
+    ks = [k for k in w if k not in k1 + k2]
+    a_ = tuple(t.clone().requires_grad_(True) for t in alphas)
+    rl = r.clone().requires_grad_(True)
+    fc = torch.func.functional_call
+    # stage 1 and u, on constant weights (graph to alpha only)
+    wc = {k: t.clone().requires_grad_(True) for k, t in w.items()}
+    f_tr, (o1, _) = fc(net, wc, (xt, a_), {"all_heads": True})
+    gh1 = torch.autograd.grad(F.cross_entropy(o1, yt), [wc[k] for k in k1], create_graph=True)
+    h1p = virtual_step({k: wc[k] for k in k1}, dict(zip(k1, gh1, strict=True)), sgd)
+    f_val = fc(net, wc, (xv, a_), {"all_heads": True})[0]
+    u = F.cross_entropy(F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv,
+                        reduction="none")  # fmt: skip
+    x = torch.softmax(f_tr.detach() @ f_val.detach().T, dim=1)
+    z = (yt[:, None] == yv[None]).double()
+    a = torch.sigmoid((x * z * u[None] * rl[None]).sum(1))
+    # stage 2 on the body's loss L1 + L2, unrolled with create_graph
+    wl = {k: t.clone().requires_grad_(True) for k, t in w.items()}
+    _, (o1, o2) = fc(net, wl, (xt, a_), {"all_heads": True})
+    l2 = (a * F.cross_entropy(o2, yt, reduction="none")).mean()
+    g = torch.autograd.grad(F.cross_entropy(o1, yt) + l2, [wl[k] for k in ks + k2],
+                            create_graph=True)  # fmt: skip
+    w2p = virtual_step({k: wl[k] for k in ks + k2}, dict(zip(ks + k2, g, strict=True)), sgd)
+    lv = F.cross_entropy(fc(net, w2p | {k: wl[k] for k in k1}, (xv, a_), {"head": 1}), yv)
+    gr = torch.autograd.grad(lv, [*a_, rl])
+    return gr[:2], gr[2]
+
+
+@pytest.mark.parametrize("backend,smooth,fd_scale,tol", [("exact", False, 0.01, 1e-6),
+                                                         ("fd", True, 0.01, 1e-3)])  # fmt: skip
+def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol):
+    net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth)
+    r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
+    ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val)
+    got = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, backend, fd_scale=fd_scale)
+    for g, ref in zip(got.alphas, ref_a, strict=True):
+        assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
+    assert _rel(got.r, ref_r) < tol, ("r", _rel(got.r, ref_r))

@@ -1,0 +1,82 @@
+"""Tiny end-to-end searches on 8x8 digits (offline, from scikit-learn) and an evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm.data.types import DataBundle, Split
+from lfm.nas import SEARCHERS, EvalConfig, Genotype, SearchConfig, run_evaluate, run_search
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    y = torch.tensor(d.target)
+    p = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+
+    def split(idx: torch.Tensor) -> Split:
+        return Split(x[idx], y[idx], idx)
+
+    # half of the search data as validation, as the data layer's val_fraction=0.5 gives
+    return DataBundle("digits", 10, (1, 8, 8), split(p[:256]), split(p[256:512]), split(p[1400:]))
+
+
+def _tiny(method: str, **kw) -> SearchConfig:
+    base = dict(
+        method=method, layers=2, C=4, epochs=2, batch_size=32, steps_per_epoch=3, w_lr=0.05,
+        arch_lr=3e-3, stage_layers=(1, 2), stage_ops=(8, 4), skip_dropout=(0.0, 0.3),
+        warmup_epochs=0,
+    )  # fmt: skip
+    return SearchConfig(**(base | kw))
+
+
+def _check(result, progressive: bool = False) -> None:
+    g = result.genotype
+    assert isinstance(g, Genotype) and len(g.normal) == 8 and len(g.reduce) == 8
+    assert result.alphas[0].shape[0] == 14
+    assert result.history and result.history[-1]["val_acc"] > 0.15  # chance is 0.1
+    if progressive:
+        assert len(result.normal_ops[0]) == 4 and g.count("skip_connect") <= 2
+
+
+def test_searchers_registered():
+    assert SEARCHERS.names() == ["darts", "lfm-darts", "lfm-pdarts", "pdarts"]
+
+
+def test_darts_second_order_search_then_evaluate(digits, tmp_path):
+    res = run_search(digits, _tiny("darts", order=2, steps_per_epoch=2))
+    _check(res)
+    res.genotype.save(tmp_path / "g.json")
+    g = Genotype.load(tmp_path / "g.json")
+    out = run_evaluate(digits, g, EvalConfig(layers=2, C=8, epochs=2, batch_size=32))
+    assert out["test_acc"] > 0.3, out["test_acc"]  # chance is 0.1; trained on train + val
+    assert out["params"] > 0
+
+
+def test_pdarts_end_to_end(digits):
+    res = run_search(digits, _tiny("pdarts", order=1, warmup_epochs=1, steps_per_epoch=2))
+    assert res.history[0]["layers"] == 1 and res.history[-1]["layers"] == 2
+    assert res.history[0]["arch"] is False  # warm-up epoch trains weights only
+    _check(res, progressive=True)
+
+
+@pytest.mark.slow
+def test_lfm_darts_end_to_end(digits):
+    _check(run_search(digits, _tiny("lfm-darts", steps_per_epoch=2)))
+
+
+def test_lfm_darts_shared_step_runs(digits):
+    res = run_search(digits, _tiny("lfm-darts", encoder="shared", epochs=1, steps_per_epoch=1))
+    assert "a_mean" in res.history[-1] and 0 < res.history[-1]["a_mean"] < 1
