@@ -13,7 +13,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lfm.config import RunConfig
-from lfm.data.types import DataBundle, Split, Stream, iterate_batches
+from lfm.data.types import Batch, DataBundle, Split, Stream, iterate_batches
 from lfm.device import resolve_device, seed_everything
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
@@ -142,7 +142,10 @@ class Trainer:
                 "the validation set is empty, and model selection (and LFM) needs it",
                 "pass --val-per-class 1 or more, or --val-fraction",
             )
-        spe = max(1, math.ceil(len(self.split) / cfg.batch_size))
+        # An epoch is one pass over the TRAINING set for every method, so a method that trains
+        # on the small clean set alone (ce-clean) gets the same number of steps as the others
+        # and cycles over its own data several times per epoch.
+        spe = max(1, math.ceil(len(bundle.train) / cfg.batch_size))
         total = spe * cfg.epochs
         self.ctx = Context(
             bundle=bundle,
@@ -234,6 +237,26 @@ class Trainer:
             n: evaluate(m, self.bundle, split, self.device) for n, m in self.method.models().items()
         }
 
+    def _batches(self, start: int, stop: int) -> Iterator[Batch]:
+        """Batches for global steps [start, stop): passes over the method's split, in the order
+        that is a pure function of (seed, pass), so a resumed run sees the same batches."""
+        per_pass = max(1, math.ceil(len(self.split) / self.cfg.batch_size))
+        step = start
+        while step < stop:
+            p, k = divmod(step, per_pass)
+            for batch in iterate_batches(
+                self.split,
+                self.cfg.batch_size,
+                device=self.device,
+                seed=self.cfg.seed,
+                epoch=p,
+                start=k,
+            ):
+                yield batch
+                step += 1
+                if step >= stop:
+                    return
+
     def _record(self, epoch: float, logs: dict[str, float]) -> None:
         """Evaluate every learner on validation and test and append to the history."""
         val, test = self.evaluate_all(self.bundle.val), self.evaluate_all(self.bundle.test)
@@ -259,17 +282,9 @@ class Trainer:
         spe = ctx.steps_per_epoch
         bar = _progress(cfg.progress, ctx.total_steps, ctx.step, f"{self.method.name}")
         while ctx.epoch < cfg.epochs:
-            start_in_epoch = ctx.step - ctx.epoch * spe
             stopping = False
             t0 = time.perf_counter()
-            for batch in iterate_batches(
-                self.split,
-                cfg.batch_size,
-                device=self.device,
-                seed=cfg.seed,
-                epoch=ctx.epoch,
-                start=start_in_epoch,
-            ):
+            for batch in self._batches(ctx.step, (ctx.epoch + 1) * spe):
                 logs = self._logs = self.method.step(batch, ctx)
                 ctx.step += 1
                 if bar is not None:
