@@ -18,6 +18,8 @@ from lfm.errors import LFMError
 from lfm.train.optim import PRESETS as OPTIM_PRESETS
 from lfm.train.optim import OptimConfig
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class ModelConfig:
@@ -48,6 +50,8 @@ class RunConfig:
     keep_checkpoints: int = 2  # the newest K are kept, so one can be corrupt and the other not
     max_steps: int | None = None  # stop early (smoke tests); None = run all epochs
     progress: bool = True  # a progress bar on stderr
+    precision: str = "fp32"  # fp32 | bf16 (autocast around every method's forward passes)
+    compile: bool = False  # torch.compile the model's forward (plain methods only)
 
     def validate(self) -> None:
         """Raise LFMError naming the first bad field."""
@@ -67,6 +71,11 @@ class RunConfig:
             raise LFMError(f"seed must be in [0, 2**32), got {self.seed}", "pass e.g. --seed 0")
         if self.checkpoint_every < 0:
             raise LFMError("checkpoint_every must be >= 0", "use 0 for epoch ends only")
+        if self.precision not in PRECISIONS:
+            raise LFMError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                "pass --precision fp32 or --precision bf16",
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise LFMError("max_steps must be >= 1", "omit it to run all epochs")
 

@@ -200,6 +200,10 @@ def _status(run_dir: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    from lfm.train import distributed
+
+    if not distributed.is_main():  # under torchrun, rank 0 alone writes
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     tmp.replace(path)
@@ -232,8 +236,13 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
     import lfm.methods  # noqa: F401 - registers the plain methods (and lfm when present)
     import lfm.methods.meta  # noqa: F401 - registers l2rw, mwnet
     import lfm.methods.small_loss  # noqa: F401 - registers small-loss
+    from lfm.train import distributed
 
-    log = log or (lambda _line: None)
+    # Under torchrun every rank runs every training run (its part of each batch); rank 0 alone
+    # logs and writes, and the suspects scoring (no collectives) runs on rank 0 only.
+    main = distributed.is_main()
+    log = log if log and main else (lambda _line: None)
+    suspects = cfg.suspects and main
     out = Path(cfg.out)
     (out / RUNS).mkdir(parents=True, exist_ok=True)
     _write_json(out / "bench.json", _describe(cfg))
@@ -250,18 +259,20 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
                 run_dir = out / RUNS / name
                 if _status(run_dir) == "complete":
                     skipped.append(name)
-                    if cfg.suspects:
+                    if suspects:
                         _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
                     continue
                 log(f"[{count}/{total}] {name} ...")
                 ok = _one_run(cfg, spec, setting, seed, run_dir, bundle_cache, log)
                 (ran if ok else failed).append(name)
-                if ok and cfg.suspects:
+                if ok and suspects:
                     _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
+    distributed.barrier()
     rows = collect_rows(out)
-    write_rows_csv(out / "all_runs.csv", rows)
     table = markdown_tables(rows)
-    (out / "table.md").write_text(table)
+    if main:
+        write_rows_csv(out / "all_runs.csv", rows)
+        (out / "table.md").write_text(table)
     log(
         f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; see {out}/table.md"
     )
@@ -336,6 +347,7 @@ def _one_run(
     """Train one run; on any exception write failed.json and return False."""
     import torch
 
+    from lfm.train import distributed
     from lfm.train.trainer import Trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +376,8 @@ def _one_run(
             results = trainer.run()
         results["timing"]["peak_rss_mb"] = mem.peak_mb
         results["bench"] = {"label": spec.label, "setting": setting.name}
-        trainer.write(results)  # again, with the bench's extra fields
+        if distributed.is_main():
+            trainer.write(results)  # again, with the bench's extra fields
         (run_dir / FAILED).unlink(missing_ok=True)
         accs = ", ".join(f"{n} {v['test_acc']:.4f}" for n, v in results["last"].items())
         log(f"    done in {time.perf_counter() - t0:.1f}s: test acc {accs}")

@@ -48,6 +48,8 @@ _TOP = (
     "checkpoint_every",
     "keep_checkpoints",
     "max_steps",
+    "precision",
+    "compile",
 )
 
 
@@ -166,6 +168,18 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
     g.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep")
     g.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast the forward passes (losses, hypergradients stay fp32; "
+        "LFM's fd backend always runs in fp32)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model's forward (plain methods; a one-off compile cost)",
+    )
     g.add_argument("--config", help="YAML file with the same settings (flags given win)")
 
 

@@ -108,5 +108,8 @@ def run(args: argparse.Namespace) -> int:
         cleanlab_epochs=args.cleanlab_epochs,
     )
     summary = run_suite(cfg)
-    print(summary["table"])
+    from lfm.train import distributed
+
+    if distributed.is_main():  # under torchrun, rank 0 alone prints
+        print(summary["table"])
     return 1 if summary["failed"] else 0

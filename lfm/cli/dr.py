@@ -9,6 +9,7 @@ from pathlib import Path
 from lfm.apps.protocols import PROTOCOLS, protocol
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
+from lfm.train import distributed
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
         all_results.append(train(cfg))
+    if not distributed.is_main():  # under torchrun, rank 0 alone prints
+        return 0
     print(runs_table(all_results))
     if args.out:
         print(f"runs written to {args.out}/<method>/ (results.json, per_example.npz with b and a)")

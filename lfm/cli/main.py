@@ -24,6 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OOM_ADVICE = (
+    "out of memory. Fix: use a smaller --batch-size; for LFM, --encoder shared or head "
+    "(one body, or a frozen cached encoder); or --precision bf16"
+)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for torch.cuda.OutOfMemoryError and any RuntimeError saying "out of memory"."""
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _where() -> str:
+    """ " (rank r)" under torchrun, where an error may hit one process only; else ""."""
+    from lfm.train import distributed
+
+    return f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; user errors print one line and exit with code 2."""
     parser = build_parser()
@@ -34,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LFMError as e:
-        print(f"lfm: error: {e}", file=sys.stderr)
+        print(f"lfm: error{_where()}: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        print(f"lfm: error{_where()}: {OOM_ADVICE}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -7,6 +7,7 @@ import json
 
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
+from lfm.train import distributed
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         args.method = args.loss
     cfg = run_config(args)
     results = train(cfg)
+    if not distributed.is_main():  # under torchrun, rank 0 alone prints
+        return 0
     print(json.dumps(results, indent=1) if args.json else runs_table([results]))
     if cfg.out:
         print(f"results written to {cfg.out}/results.json")

@@ -84,11 +84,17 @@ class DataBundle:
 
 @dataclass
 class Batch:
-    """A batch on the training device; `idx` is each example's position in its split."""
+    """A batch on the training device; `idx` is each example's position in its split.
+
+    Under data parallelism a batch is one rank's part of a global batch: `whole` holds the
+    global batch's positions and `offset` where this part starts in it (`lfm.train.distributed`).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
+    whole: torch.Tensor | None = None  # the global batch's idx, when this is a part of it
+    offset: int = 0  # this part's first row in the global batch
 
     def __len__(self) -> int:
         return len(self.y)

@@ -27,6 +27,17 @@ Where h comes from is the *b path*, the one place the variants differ:
                b never sees validation data);
     `frozen`   no b update.
 The iteration does not touch the modules; `commit` applies the real updates afterwards.
+
+Data parallel (`part`, see `lfm.train.distributed`): the training tensors are this rank's rows
+of a global batch of n = part.total, the validation batch is the same on every rank, and `b` is
+the GLOBAL batch's entries. L1 and L2 are each rank's share (sum / n) and grad L1, grad L2 are
+summed over ranks before the virtual steps, so W1', W2' are identical everywhere; the sums over
+training examples (dL/dr, dL/dV, h = dL/dW1') are summed over ranks; dL/dw is gathered into the
+global batch, and dL/db (n,) is computed from it on every rank, identically. `a-normalised`
+divides by the global batch mean of a (an all-reduce with gradient).
+
+Precision: under bf16 autocast the learners' passes run in bf16; a (the attention, z, u, r
+product) is computed in fp32, and every loss, jvp output and hypergradient accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ from lfm.engine.hypergrad import directional
 from lfm.engine.virtual import VirtualSGD
 from lfm.errors import LFMError
 from lfm.reweight.function import attention, b_weights, label_match, reweight
+from lfm.train import distributed
+from lfm.train.distributed import Part
 
 B_PATHS = ("w2", "w2+w1val", "own-grad", "frozen")
 
@@ -123,14 +136,40 @@ class IterResult:
     logs: dict[str, Tensor] = field(default_factory=dict)
 
 
-def learn(w1: Learner, x: Tensor, y: Tensor, b: Tensor, opts: IterOptions, lr: float) -> Stage1:
-    """Stage 1: W1 learns on mean_i w(b_i) l_i(W1); W1' = the real SGD step."""
+def _wide(t: Tensor) -> Tensor:
+    """`t` in fp32 if it is half precision (fp64 stays fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _summed(grads: tuple[Tensor, ...], loss: Tensor, part: Part) -> tuple[list[Tensor], Tensor]:
+    """Gradients and loss of this rank's share, summed over ranks (the global batch mean's)."""
+    if not part.split:
+        return list(grads), loss
+    *out, total = distributed.all_reduce_sum([*grads, loss.detach()])
+    return out, total
+
+
+def learn(
+    w1: Learner,
+    x: Tensor,
+    y: Tensor,
+    b: Tensor,
+    opts: IterOptions,
+    lr: float,
+    part: Part | None = None,
+) -> Stage1:
+    """Stage 1: W1 learns on mean_i w(b_i) l_i(W1); W1' = the real SGD step.
+
+    b: the global batch's entries (part.total); x, y: this rank's part (module docstring).
+    """
+    part = part or Part.whole(len(y))
     p1 = w1.params()
     leaf = leaves(p1)
     l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
-    w = b_weights(b.detach(), opts.b_mode)  # (n,)
-    L1 = (w * l1).mean()
-    g1 = dict(zip(leaf, torch.autograd.grad(L1, list(leaf.values())), strict=True))
+    w = part.local(b_weights(b.detach(), opts.b_mode))  # (n,), normalised over the global batch
+    L1 = part.mean(w * l1)
+    grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
+    g1 = dict(zip(leaf, grads, strict=True))
     c = w1.sgd.clip_coef(g1)
     p1_new, m1_new = w1.sgd.step(p1, g1, lr, c)
     return Stage1(p1, p1_new, m1_new, g1, w1.sgd.xi(lr, c), l1.detach(), w, L1.detach())
@@ -152,6 +191,7 @@ def relearn(
     w2_inputs: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
     bank: tuple[Tensor, Tensor, Tensor] | None = None,
     u_grad: bool = True,
+    part: Part | None = None,
 ) -> Stage2:
     """Stage 2: W2 relearns on mean_i a_i l_i(W2), a from W1's validation mistakes u.
 
@@ -160,7 +200,9 @@ def relearn(
     bank: (embeddings (k, K), labels (k,), u (k,)) of earlier validation examples, constants,
     appended after the batch's m0 entries; r must hold m0 + k entries in that order.
     u_grad: build u's graph to W1' (needed by the w2 / w2+w1val b paths).
+    part: which rows of the global batch x_tr, y_tr are (module docstring).
     """
+    part = part or Part.whole(len(y_tr))
     p1_leaf = leaves(p1_new) if u_grad else {k: v.detach() for k, v in p1_new.items()}
     u = losses(w1.module, p1_leaf, w1.buffers(), x_val, y_val)  # (m0,), virtual pass
     e_tr, e_val = embed(p1_new)  # (n, K), (m0, K)
@@ -169,16 +211,23 @@ def relearn(
         e_val = torch.cat([e_val, bank[0]])  # (m, K)
         yv = torch.cat([y_val, bank[1]])
         uu = torch.cat([u, bank[2].to(u.dtype)])
-    x = attention(e_tr, e_val, opts.similarity, opts.temperature) if opts.use_x else None
-    z = label_match(y_tr, yv) if opts.use_z else None
-    a = reweight(x, z, uu if opts.use_u else None, r, normalise=opts.a_norm)  # (n,)
+    dev = e_tr.device.type if e_tr.device.type in ("cuda", "cpu") else "cpu"
+    with torch.autocast(device_type=dev, enabled=False):  # a is small: always fp32
+        e_tr, e_val, uu = _wide(e_tr), _wide(e_val), _wide(uu)
+        x = attention(e_tr, e_val, opts.similarity, opts.temperature) if opts.use_x else None
+        z = label_match(y_tr, yv) if opts.use_z else None
+        local_norm = opts.a_norm and not part.split
+        a = reweight(x, z, uu if opts.use_u else None, r, normalise=local_norm)  # (n,)
+        if opts.a_norm and part.split:  # a / mean over the GLOBAL batch, with gradient
+            a = a / (distributed.differentiable_sum(a.sum()) / part.total)
 
     x2_tr, x2_val = (x_tr, x_val) if w2_inputs is None else w2_inputs(p1_new)
     p2 = w2.params()
     leaf = leaves(p2)
     l2 = losses(w2.module, leaf, w2.buffers(), x2_tr, y_tr, update_stats=True)  # real pass
-    L2 = (a.detach() * l2).mean()
-    g2 = dict(zip(leaf, torch.autograd.grad(L2, list(leaf.values())), strict=True))
+    L2 = part.mean(a.detach() * l2)
+    grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
+    g2 = dict(zip(leaf, grads, strict=True))
     c = w2.sgd.clip_coef(g2)
     p2_new, m2_new = w2.sgd.step(p2, g2, lr, c)
     return Stage2(
@@ -208,10 +257,15 @@ def validate(
     r: Tensor,
     v_params: list[Tensor],
     opts: IterOptions,
+    part: Part | None = None,
 ) -> IterResult:
-    """Stage 3: L_val(W2') and the hypergradients for b, r and V (module docstring)."""
+    """Stage 3: L_val(W2') and the hypergradients for b, r and V (module docstring).
+
+    b: the global batch's entries; grad_b is (part.total,), the same on every rank.
+    """
     hyper = directional(opts.backend)
-    n = len(y_tr)
+    part = part or Part.whole(len(y_tr))
+    n = part.total  # the 1/n of the global batch mean
     p2n = leaves(s2.p2_new)
     L_val = losses(w2.module, p2n, w2.buffers(), s2.x2_val, y_val).mean()  # virtual pass
     g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
@@ -220,12 +274,19 @@ def validate(
     dL_da = -s2.xi2 / n * hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, g_val)  # (n,)
 
     through_u = s1 is not None and b is not None and opts.b_path in ("w2", "w2+w1val")
-    objective = (s2.a * dL_da.to(s2.a.dtype)).sum()
-    if through_u and opts.b_path == "w2+w1val":
-        objective = objective + opts.w1_val_weight * s2.u.mean()  # + lam * L_val(W1')
+    objective = (_wide(s2.a) * _wide(dL_da)).sum()
+    if through_u and opts.b_path == "w2+w1val" and (not part.split or distributed.is_main()):
+        # + lam * L_val(W1'): the same on every rank, so counted on one only
+        objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
     wrt = [*v_params, r, *p1_leaves]
     grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+    if part.split:  # sums over training examples: add up the ranks' parts
+        held = [i for i, g in enumerate(grads) if g is not None]
+        summed = distributed.all_reduce_sum([grads[i] for i in held])
+        grads = list(grads)
+        for i, g in zip(held, summed, strict=True):
+            grads[i] = g
     grad_v = list(grads[: len(v_params)])
     grad_r = grads[len(v_params)]
     grad_r = torch.zeros_like(r) if grad_r is None else grad_r
@@ -256,6 +317,7 @@ def validate(
         logs["hg_h"] = norm(h)
         # dL/dw_i = -xi1/n * h . grad l_i(W1)
         dL_dw = -s1.xi1 / n * hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h)  # (n,)
+        dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         bl = b.detach().requires_grad_(True)
         (grad_b,) = torch.autograd.grad(b_weights(bl, opts.b_mode), bl, dL_dw.to(bl.dtype))
         logs["hg_b"] = grad_b.norm()
@@ -282,13 +344,15 @@ def iteration(
     *,
     w2_inputs: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
     bank: tuple[Tensor, Tensor, Tensor] | None = None,
+    part: Part | None = None,
 ) -> IterResult:
     """learn -> relearn -> validate on one training and one validation batch.
 
-    b: (n,) the batch's entries of b; r: (m,) leaf requiring grad, the validation entries.
+    b: (n,) the (global) batch's entries of b; r: (m,) leaf requiring grad, the validation
+    entries; part: which rows of the global batch x_tr, y_tr are (None: all of them).
     Returns the hypergradients and W1', W2' (apply them with `commit`).
     """
-    s1 = learn(w1, x_tr, y_tr, b, opts, lr1)
+    s1 = learn(w1, x_tr, y_tr, b, opts, lr1, part)
     s2 = relearn(
         w1,
         w2,
@@ -304,8 +368,9 @@ def iteration(
         w2_inputs=w2_inputs,
         bank=bank,
         u_grad=opts.b_path in ("w2", "w2+w1val"),
+        part=part,
     )
-    return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts)
+    return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts, part)
 
 
 def check_finite(res: IterResult, step: int) -> None:

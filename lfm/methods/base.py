@@ -35,6 +35,8 @@ class Context:
     step: int = 0  # global step of the batch being processed
     epoch: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    precision: str = "fp32"  # fp32 | bf16: the trainer runs `step` under bf16 autocast
+    compile: bool = False  # plain methods: torch.compile the model's forward
 
     def lr_at(self, base_lr: float) -> float:
         """`base_lr` under the run's schedule at the current step."""
@@ -48,6 +50,7 @@ class Method:
     train_on: str = (
         "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
     )
+    compiles: bool = False  # honours ctx.compile (meta-methods call the model via torch.func)
 
     def setup(self, ctx: Context) -> None:
         """Create learners, optimizers and per-example state."""

@@ -58,6 +58,15 @@ Python API with your own network (any nn.Module with `body` -> (B, K) features a
         logs = method.step(batch, ctx)
     b = method.per_example()["b"]  # learned weight of each training example
 
+Data parallel (torchrun): each rank holds its part of the global batch and the same full
+validation batch; the engine reduces gradients and hypergradients (`lfm.engine.trilevel`), and
+b's update and the record of a cover the whole global batch, so b, r, V, W1, W2 stay identical
+on every rank. BatchNorm running statistics are each rank's own.
+
+Precision: under `--precision bf16` the learners' and encoder's passes run in bf16 autocast;
+a, losses and hypergradients are fp32. The `fd` backend always evaluates in fp32 (its
+differences in bf16 would be wrong by hundreds of percent), so bf16 speeds up the exact backend.
+
 Batches: `batch.x` is raw stored data; like every method, this one calls
 `ctx.bundle.inputs(x, train=True)` on training batches and `train=False` on validation batches.
 Stages 1 and 2 use the same training batch (documented in `lfm.engine.trilevel`).
@@ -92,6 +101,7 @@ from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.reweight.encoder import ENCODER_MODES, FullEncoder, HeadEncoder
 from lfm.reweight.function import B_MODES, SIMILARITIES
+from lfm.train import distributed
 
 # variant -> (b path of the engine, a normalised per batch)
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -281,6 +291,15 @@ class _LFMBase(Method):
     def _setup_common(self, ctx: Context) -> None:
         self.cfg = self.cfg_given or LFMConfig.from_options(ctx.options)
         self.cfg.validate()
+        if ctx.precision == "bf16" and self.cfg.backend == "fd" and distributed.is_main():
+            import sys
+
+            print(
+                "lfm: info: the fd hypergradient backend evaluates in fp32 under --precision "
+                "bf16 (bf16 differences are off by hundreds of percent); the learners' passes "
+                "run in bf16",
+                file=sys.stderr,
+            )
         self.opts = self.cfg.iter_options()
         self.device = ctx.device
         n_tr, n_val = len(ctx.bundle.train), len(ctx.bundle.val)
@@ -454,6 +473,8 @@ class LFMDR(_LFMBase):
                 m.train()
         lr = ctx.lr_at(ctx.optim.lr)
         x_tr, y_tr, idx, x_val, y_val, vidx = self._batches(batch, ctx)
+        part = distributed.part_of(batch)
+        whole = idx if batch.whole is None else batch.whole  # the global batch's positions
         bank, bank_idx = self._bank()
         r_idx = vidx if bank_idx is None else torch.cat([vidx, bank_idx])
         r = self.r[r_idx].clone().requires_grad_(True)
@@ -467,7 +488,7 @@ class LFMDR(_LFMBase):
             y_tr,
             x_val,
             y_val,
-            self.b[idx],
+            self.b[whole],
             r,
             embed,
             v_params,
@@ -476,18 +497,19 @@ class LFMDR(_LFMBase):
             lr,
             w2_inputs=w2_inputs,
             bank=bank,
+            part=part,
         )
         check_finite(res, ctx.step)
         commit(self.w1, self.w2, res)
-        if res.grad_b is not None:
-            self.b_opt.step(self.b, idx, res.grad_b.detach())
+        if res.grad_b is not None:  # the global batch's gradient, the same on every rank
+            self.b_opt.step(self.b, whole, res.grad_b.detach())
             if self.cfg.b_mode != "sigmoid":
-                self.b[idx] = self.b[idx].clamp_min(0.0)
+                self.b[whole] = self.b[whole].clamp_min(0.0)
         self._stage3_updates(res, idx, r_idx, v_params)
-        self.a_last[idx] = res.s2.a.detach().to(self.a_last.dtype)
+        self.a_last[whole] = part.gather(res.s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
         logs = dict(res.logs)
-        logs["b_mean"] = self.b[idx].mean()
+        logs["b_mean"] = self.b[whole].mean()
         return self._floats(logs)
 
     def models(self) -> dict[str, nn.Module]:
@@ -546,10 +568,11 @@ class LFMSN(_LFMBase):
         """Plain CE before `sn_warmup`; after it, relearn on a from the frozen snapshot's u."""
         lr = ctx.lr_at(ctx.optim.lr)
         self.w.module.train()
+        part = distributed.part_of(batch)
         if ctx.step < self.warmup_steps:
             x = ctx.bundle.inputs(batch.x, train=True)
-            ones = torch.ones(len(batch.y), device=x.device)  # plain CE: w = 1
-            s1 = learn(self.w, x, batch.y, ones, replace(self.opts, b_mode="raw"), lr)
+            ones = torch.ones(part.total, device=x.device)  # plain CE: w = 1
+            s1 = learn(self.w, x, batch.y, ones, replace(self.opts, b_mode="raw"), lr, part)
             if not torch.isfinite(s1.L1):
                 raise LFMError(
                     f"stage 1 (learn) loss became NaN or inf at step {ctx.step}", "lower --lr"
@@ -579,14 +602,16 @@ class LFMSN(_LFMBase):
             lr,
             bank=bank,
             u_grad=False,
+            part=part,
         )
         res = validate(
-            self.frozen, self.w, None, s2, x_tr, y_tr, y_val, None, r, v_params, self.opts
+            self.frozen, self.w, None, s2, x_tr, y_tr, y_val, None, r, v_params, self.opts, part
         )
         check_finite(res, ctx.step)
         commit(None, self.w, res)
         self._stage3_updates(res, idx, r_idx, v_params)
-        self.a_last[idx] = s2.a.detach().to(self.a_last.dtype)
+        whole = idx if batch.whole is None else batch.whole
+        self.a_last[whole] = part.gather(s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, s2.u, vidx)
         return self._floats(res.logs)
 

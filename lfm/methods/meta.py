@@ -41,6 +41,10 @@ What the published code does (and what we do)
 - The clean batch is drawn with training augmentation (as MW-Net's meta loader does).
 - The classifier's optimizer must be SGD (the published protocols all use it): the real update is
   `VirtualSGD`, the same function the virtual step uses, so the two cannot disagree.
+
+Data parallel (torchrun): each rank holds its part of the global batch and the same clean batch;
+gradients of sums over training examples are summed over ranks, and the weights are normalised
+over the GLOBAL batch (L2RW's sum, MW-Net's sum or batch size), so N processes step as one.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ from lfm.engine.virtual import VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.models.base import batchnorm_batch_stats
+from lfm.train import distributed
+from lfm.train.distributed import Part
 
 VIRTUAL_STEPS = ("optimizer", "sgd")
 
@@ -106,15 +112,21 @@ def _virtual_opt(real: VirtualSGD, kind: str, name: str) -> VirtualSGD:
     return real if kind == "optimizer" else VirtualSGD()
 
 
-def _grads(output: Tensor, wrt: Params, grad_output: Tensor | None = None) -> Params:
-    """d output / d wrt as a dict; parameters the output does not use get zeros."""
+def _grads(
+    output: Tensor, wrt: Params, grad_output: Tensor | None = None, part: Part | None = None
+) -> Params:
+    """d output / d wrt as a dict; parameters the output does not use get zeros.
+
+    part: when the output is this rank's share of a sum over a split global batch, the
+    gradients are summed over ranks (one all-reduce).
+    """
     got = torch.autograd.grad(
         output, list(wrt.values()), grad_outputs=grad_output, allow_unused=True
     )
-    return {
-        k: torch.zeros_like(t) if g is None else g
-        for (k, t), g in zip(wrt.items(), got, strict=True)
-    }
+    out = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt.values(), got, strict=True)]
+    if part is not None and part.split:
+        out = distributed.all_reduce_sum(out)
+    return dict(zip(wrt, out, strict=True))
 
 
 def clean_loss_grad(
@@ -230,8 +242,10 @@ def l2rw_eps_grad(
     return -opt.xi(lr) * loss_alignment(model, params, buffers, x, y, v)
 
 
-def l2rw_weights(eps_grad: Tensor) -> Tensor:
+def l2rw_weights(eps_grad: Tensor, part: Part | None = None) -> Tensor:
     """Ren et al.'s rule: w = max(-grad_eps, 0), normalised to sum 1 (all zero stays zero).
+
+    part: the sum is over the GLOBAL batch when `eps_grad` is one rank's part of it.
 
     Example
     -------
@@ -240,6 +254,8 @@ def l2rw_weights(eps_grad: Tensor) -> Tensor:
     """
     w = torch.clamp(-eps_grad, min=0)
     total = w.sum()
+    if part is not None and part.split:
+        total = distributed.all_reduce_sum([total])[0]
     return w / total if total > 0 else w
 
 
@@ -255,17 +271,23 @@ class WeightNet(nn.Module):
         return torch.sigmoid(self.net(loss.detach().reshape(-1, 1))).squeeze(1)
 
 
-def mwnet_reduce(weights: Tensor, normalize: bool) -> Tensor:
+def mwnet_reduce(weights: Tensor, normalize: bool, part: Part | None = None) -> Tensor:
     """The coefficients the training loss uses: w / sum(w) when the sum is nonzero, or w / B.
+
+    part: sum and B are the GLOBAL batch's when `weights` are one rank's part of it (the
+    sum is an all-reduce with gradient, so the MLP's meta-gradient stays exact).
 
     Example
     -------
     >>> mwnet_reduce(torch.tensor([1.0, 3.0]), normalize=True)
     tensor([0.2500, 0.7500])
     """
+    split = part is not None and part.split
     if not normalize:
-        return weights / len(weights)
+        return weights / (part.total if split else len(weights))  # type: ignore[union-attr]
     total = weights.sum()
+    if split:
+        total = distributed.differentiable_sum(total)
     return weights / total if total.detach() != 0 else weights
 
 
@@ -281,6 +303,7 @@ def mwnet_meta_grad(
     opt: VirtualSGD,
     lr: float,
     normalize: bool = True,
+    part: Part | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Meta-Weight-Net's meta-gradient d L_val(p'(theta)) / d theta for the weighting MLP.
 
@@ -302,6 +325,8 @@ def mwnet_meta_grad(
         Learning rate of the virtual step.
     normalize : bool
         Divide the weights by their sum (original MW-Net code) or average them.
+    part : Part, optional
+        Which rows of a global batch x, y are (data parallel); sums are then over ranks.
 
     Returns
     -------
@@ -316,14 +341,14 @@ def mwnet_meta_grad(
     q = leaves(params)
     with batchnorm_batch_stats(model):
         l = losses(model, q, buffers, x, y)
-    coef = mwnet_reduce(wnet(l), normalize)
-    g = _grads((coef.detach() * l).sum(), q)
+    coef = mwnet_reduce(wnet(l), normalize, part)
+    g = _grads((coef.detach() * l).sum(), q, part=part)
     clip = opt.clip_coef(g)
     p_virtual, _ = opt.step(params, g, lr, clip)
     v, meta_loss = clean_loss_grad(model, p_virtual, buffers, xv, yv)
     d_coef = -opt.xi(lr, clip) * loss_alignment(model, params, buffers, x, y, v)
     theta = {k: t for k, t in wnet.named_parameters() if t.requires_grad}
-    return _grads(coef, theta, d_coef.to(coef.dtype)), meta_loss
+    return _grads(coef, theta, d_coef.to(coef.dtype), part), meta_loss
 
 
 # -- the methods --------------------------------------------------------------------------------
@@ -352,11 +377,17 @@ class _OneLearnerMeta(Method):
         self.history: list[Tensor] = []
 
     def _real_step(
-        self, x: Tensor, y: Tensor, coef_fn: Callable[[Tensor], Tensor], lr: float
+        self,
+        x: Tensor,
+        y: Tensor,
+        coef_fn: Callable[[Tensor], Tensor],
+        lr: float,
+        part: Part | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One real step on sum_i c_i l_i with c = coef_fn(l) (detached); returns (l, c).
 
         This is the only forward pass of an iteration that updates BatchNorm running stats.
+        part: the gradient is summed over the ranks holding the global batch.
         """
         p = params_of(self.model)
         q = leaves(p)
@@ -368,7 +399,7 @@ class _OneLearnerMeta(Method):
                 f"the {self.name} training loss became {loss.item()}",
                 "lower --lr, or check the data for NaN values",
             )
-        g = _grads(loss, q)
+        g = _grads(loss, q, part=part)
         new_p, new_m = self.real.step(p, g, lr, self.real.clip_coef(g))
         self.real.commit(self.model, new_p, new_m)
         return l.detach(), coef
@@ -433,9 +464,11 @@ class L2RW(_OneLearnerMeta):
             self.virtual,
             lr,
         )
-        w = l2rw_weights(eps_grad)
-        l, _ = self._real_step(x, batch.y, lambda _l: w, lr)
-        self.last_weight[batch.idx.cpu()] = (w * len(w)).float().cpu()
+        part = distributed.part_of(batch)
+        w = l2rw_weights(eps_grad, part)
+        l, _ = self._real_step(x, batch.y, lambda _l: w, lr, part)
+        whole = batch.idx if batch.whole is None else batch.whole
+        self.last_weight[whole.cpu()] = (part.gather(w) * part.total).float().cpu()
         return {"loss": float((w * l).sum()), "zero_weight_frac": float((w == 0).float().mean())}
 
 
@@ -470,6 +503,7 @@ class MetaWeightNet(_OneLearnerMeta):
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """Update the MLP on the virtual step's clean loss, then a real step with its weights."""
         lr = ctx.lr_at(ctx.optim.lr)
+        part = distributed.part_of(batch)
         x = ctx.bundle.inputs(batch.x, train=True)
         clean = next(ctx.val_stream)
         xv = ctx.bundle.inputs(clean.x, train=True)
@@ -485,6 +519,7 @@ class MetaWeightNet(_OneLearnerMeta):
             self.virtual,
             lr,
             self.normalize,
+            part,
         )
         self.wopt.zero_grad(set_to_none=True)
         for k, p in self.wnet.named_parameters():
@@ -495,11 +530,12 @@ class MetaWeightNet(_OneLearnerMeta):
         def coef_fn(l_now: Tensor) -> Tensor:  # the updated MLP's weights at the current params
             with torch.no_grad():
                 raw.append(self.wnet(l_now))
-            return mwnet_reduce(raw[0], self.normalize)
+            return mwnet_reduce(raw[0], self.normalize, part)
 
-        l, _ = self._real_step(x, batch.y, coef_fn, lr)
+        l, _ = self._real_step(x, batch.y, coef_fn, lr, part)
         w = raw[0]
-        self.last_weight[batch.idx.cpu()] = w.float().cpu()
+        whole = batch.idx if batch.whole is None else batch.whole
+        self.last_weight[whole.cpu()] = part.gather(w).float().cpu()
         return {
             "loss": float(l.mean()),
             "meta_loss": float(meta_loss),

@@ -3,6 +3,11 @@
 `ce`, `focal` and `cb` train on the (noisy, imbalanced) training set. The two honest
 controls the paper leaves out, since every meta-method also sees the clean validation set:
 `ce-clean` trains on the clean validation set alone, `ce-all` on train + clean set.
+
+Under torchrun each rank's loss is its part's sum over the GLOBAL batch size, and the summed
+gradients (one all-reduce) are the global batch mean's, so N processes step as one does.
+`ctx.compile` compiles the forward only (`self.forward`); `self.model` stays the plain module,
+so checkpoints, evaluation and the optimizer see the same parameters and state-dict keys.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from lfm.data.types import Batch
 from lfm.errors import LFMError
 from lfm.losses import LOSSES
 from lfm.methods.base import METHODS, Context, Method
+from lfm.train import distributed
 from lfm.train.optim import make_optimizer, set_lr
 
 
 class PlainMethod(Method):
     """Minimise the mean of a per-example loss with the run's optimizer."""
+
+    compiles = True
 
     def __init__(self, loss: str = "ce", train_on: str = "train", name: str = "ce"):
         self.loss_name, self.train_on, self.name = loss, train_on, name
@@ -43,14 +51,15 @@ class PlainMethod(Method):
                 f"its options are: {', '.join(known) or 'none'}",
             ) from None
         self.model = ctx.new_model()
+        self.forward = torch.compile(self.model) if ctx.compile else self.model
         self.opt = make_optimizer(self.model.parameters(), ctx.optim)
         self.clip = ctx.optim.grad_clip
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """One gradient step on the batch's mean loss."""
         set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
-        logits = self.model(ctx.bundle.inputs(batch.x, train=True))
-        loss = self.loss_fn(logits, batch.y).mean()
+        logits = self.forward(ctx.bundle.inputs(batch.x, train=True))
+        loss = distributed.part_of(batch).mean(self.loss_fn(logits.float(), batch.y))
         if not torch.isfinite(loss):
             raise LFMError(
                 f"the training loss became {loss.item()} at step {ctx.step}",
@@ -58,6 +67,11 @@ class PlainMethod(Method):
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed.active():  # sum of the ranks' shares = the global batch mean's gradient
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            *grads, loss = distributed.all_reduce_sum([p.grad for p in params] + [loss.detach()])
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
         if self.clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()

@@ -23,6 +23,9 @@ quantile : float (default 0.95)
 max_rho : float (default 0.8)
     The estimate is capped here, so a bad warm-up cannot discard almost all data.
 
+Data parallel (torchrun): the kept set is chosen over the GLOBAL batch's losses (gathered), and
+each rank's loss is its kept part's sum over the global number kept, gradients summed over ranks.
+
 ``per_example()['weight']`` is the fraction of the example's visits on which it was kept (NaN if
 never seen); ``rho`` (a 0-d array) is the final drop rate.
 """
@@ -41,6 +44,7 @@ from lfm.data.types import Batch, iterate_batches
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.meta import method_options
+from lfm.train import distributed
 from lfm.train.optim import make_optimizer, set_lr
 
 
@@ -130,10 +134,12 @@ class SmallLoss(Method):
         set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
         rho = self.rho_at(ctx)
         loss_i = F.cross_entropy(
-            self.model(ctx.bundle.inputs(batch.x, train=True)), batch.y, reduction="none"
+            self.model(ctx.bundle.inputs(batch.x, train=True)).float(), batch.y, reduction="none"
         )
-        keep = keep_smallest(loss_i.detach(), rho)
-        loss = loss_i[keep].mean()
+        part = distributed.part_of(batch)
+        keep_all = keep_smallest(part.gather(loss_i.detach()), rho)  # over the global batch
+        keep = part.local(keep_all)
+        loss = loss_i[keep].sum() / keep_all.sum() if part.split else loss_i[keep].mean()
         if not torch.isfinite(loss):
             raise LFMError(
                 f"the training loss became {loss.item()} at step {ctx.step}",
@@ -141,12 +147,17 @@ class SmallLoss(Method):
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if part.split:  # the ranks' shares add up to the global kept mean's gradient
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            *grads, loss = distributed.all_reduce_sum([p.grad for p in params] + [loss.detach()])
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
         if self.clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
-        idx = batch.idx.cpu()
+        idx = (batch.idx if batch.whole is None else batch.whole).cpu()
         self.seen.index_add_(0, idx, torch.ones(len(idx)))
-        self.kept.index_add_(0, idx, keep.float().cpu())
+        self.kept.index_add_(0, idx, keep_all.float().cpu())
         return {"loss": loss.item(), "rho": rho}
 
     def on_epoch_end(self, ctx: Context) -> None:

@@ -3,6 +3,11 @@
 Model selection uses the validation set only: each epoch's validation accuracy picks the
 "selected" epoch; the test set is reported at the last epoch and at that epoch, never used
 to choose anything.
+
+Under `torchrun` (`lfm.train.distributed`) every rank runs this loop on its part of each global
+batch; all ranks evaluate (the models are identical, and no collective is needed), only rank 0
+prints and writes results and checkpoints, and every rank resumes from the same checkpoint.
+`precision="bf16"` runs each method step under bf16 autocast (evaluation stays fp32).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from lfm.data.types import Batch, DataBundle, Split, Stream, iterate_batches
 from lfm.device import resolve_device, seed_everything
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
+from lfm.train import distributed
 from lfm.train.checkpoint import (
     CheckpointDir,
     atomic_write_bytes,
@@ -106,7 +112,7 @@ class Trainer:
     ):
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.init(resolve_device(cfg.device))
         seed_everything(cfg.seed)
         if bundle is None:
             from lfm.data.build import build_data
@@ -137,6 +143,16 @@ class Trainer:
         self.split = training_split(bundle, self.method.train_on)
         if len(self.split) == 0:
             raise LFMError("the training split is empty", "check --val-per-class and --imbalance")
+        world = distributed.world_size()
+        if world > 1:
+            short = len(self.split) % cfg.batch_size
+            if cfg.batch_size % world or 0 < short < world:
+                raise LFMError(
+                    f"--batch-size {cfg.batch_size} cannot be split over {world} processes"
+                    + (f" (each pass ends with a batch of {short})" if 0 < short < world else ""),
+                    f"use a batch size divisible by {world} whose last batch per pass has at "
+                    f"least {world} examples, or fewer processes",
+                )
         if len(bundle.val) == 0:
             raise LFMError(
                 "the validation set is empty, and model selection (and LFM) needs it",
@@ -158,7 +174,15 @@ class Trainer:
             optim=cfg.optim,
             seed=cfg.seed,
             options=dict(cfg.method_options),
+            precision=cfg.precision,
+            compile=cfg.compile,
         )
+        if cfg.compile and not self.method.compiles and distributed.is_main():
+            print(
+                f"lfm: info: --compile applies to the plain methods; {self.method.name} runs "
+                "uncompiled (it calls the model through torch.func)",
+                file=sys.stderr,
+            )
         self.method.setup(self.ctx)
         self.history: list[dict] = []
         self._last_eval: tuple[dict, dict] | None = None
@@ -166,6 +190,9 @@ class Trainer:
         self.train_seconds = 0.0
         self.ckpt = (
             CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
+        )
+        self.autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
         )
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -209,7 +236,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write a checkpoint for the current step (rank 0 only, when there is an out folder)."""
-        if self.ckpt is not None:
+        if self.ckpt is not None and distributed.is_main():
             self.ckpt.save(self.state_dict(), self.ctx.step)
 
     def try_resume(self) -> bool:
@@ -252,7 +279,7 @@ class Trainer:
                 epoch=p,
                 start=k,
             ):
-                yield batch
+                yield distributed.shard(batch)  # every rank: the same global batch, its part
                 step += 1
                 if step >= stop:
                     return
@@ -275,17 +302,22 @@ class Trainer:
         """Train to the end (resuming if a checkpoint exists) and return the results."""
         cfg, ctx = self.cfg, self.ctx
         resumed = self.try_resume()
-        if not resumed and self.ckpt is not None:
+        distributed.check_same(ctx.step, "the step to resume from")
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 may clear it
+        if not resumed and self.ckpt is not None and distributed.is_main():
             # Starting over (--no-resume, or nothing to resume): a stale checkpoint of an older
             # run with a later step would otherwise outlive ours and be resumed next time.
             self.ckpt.clear()
+        self._sync_method()
         spe = ctx.steps_per_epoch
-        bar = _progress(cfg.progress, ctx.total_steps, ctx.step, f"{self.method.name}")
+        show = cfg.progress and distributed.is_main()
+        bar = _progress(show, ctx.total_steps, ctx.step, f"{self.method.name}")
         while ctx.epoch < cfg.epochs:
             stopping = False
             t0 = time.perf_counter()
             for batch in self._batches(ctx.step, (ctx.epoch + 1) * spe):
-                logs = self._logs = self.method.step(batch, ctx)
+                with self.autocast:
+                    logs = self._logs = self.method.step(batch, ctx)
                 ctx.step += 1
                 if bar is not None:
                     bar.update(1)
@@ -314,7 +346,18 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        return self.finish(resumed)
+        results = self.finish(resumed)
+        distributed.barrier()  # files are written before any rank goes on (bench skips on them)
+        return results
+
+    def _sync_method(self) -> None:
+        """Every rank takes rank 0's method state (initial parameters, b, r, optimizer state)."""
+        if not distributed.active():
+            return
+        state = self.method.state_dict()
+        distributed.broadcast_tensors(distributed.tensors_in(state))
+        if not distributed.is_main():
+            self.method.load_state_dict(state)
 
     def finish(self, resumed: bool) -> dict:
         """Assemble the results, write results.json and per_example.npz."""
@@ -355,9 +398,11 @@ class Trainer:
                 "peak_mem_mb": round(_peak_memory_mb(self.device), 1),
                 "device": str(self.device),
                 "resumed": resumed,
+                "processes": distributed.world_size(),
+                "precision": self.cfg.precision,
             },
         }
-        if self.out is not None:
+        if self.out is not None and distributed.is_main():
             self.write(results)
         return results
 

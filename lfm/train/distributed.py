@@ -1,0 +1,248 @@
+"""Data-parallel training under `torchrun`: the process group and the few collectives we need.
+
+`torchrun --standalone --nproc_per_node N -m lfm train ...` sets RANK, WORLD_SIZE, LOCAL_RANK
+and MASTER_ADDR / MASTER_PORT; `init` joins the group from them (gloo on CPU, nccl on CUDA).
+Without them every helper here is a no-op and a run is the plain single process.
+
+How a step is split (the trainer and the methods use these pieces):
+
+- the global batch stays `batch_size`; every rank computes the same global order (a pure
+  function of (seed, epoch)) and takes its own contiguous part of each global batch
+  (`shard`): equal parts of `batch_size / world` (it must divide), and a short last batch
+  split as `torch.tensor_split` does (part sizes differ by at most one). `Batch.idx` stays the
+  examples' GLOBAL positions in the training split; `Batch.whole` is the whole global batch.
+- `torch.func` gradients bypass DDP's reducer hooks, so gradients are reduced explicitly:
+  each rank's loss is its part's sum divided by the GLOBAL batch size (`Part.mean`), and the
+  sum over ranks (`all_reduce_sum`, one flattened buffer) is the global batch mean.
+- per-example quantities that a rank holds for its part only (b's hypergradient, a, L2RW
+  weights) are gathered into a global-batch vector (`Part.gather`) so every rank applies the
+  same update and keeps identical state.
+- BatchNorm running statistics are NOT synchronised: each rank's are those of its part.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lfm.data.types import Batch
+from lfm.errors import LFMError
+
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True when torchrun (or an equivalent launcher) set the process-group variables."""
+    return all(k in os.environ for k in _ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (from the environment before `init`; 0 for a plain run)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0)) if launched() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 for a plain run)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0)."""
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group if launched by torchrun; returns the device this rank uses.
+
+    CUDA: rank r uses cuda:LOCAL_RANK unless an index was given. Idempotent.
+    """
+    if not launched():
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(_shutdown)
+    return device
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Where collectives run: the current CUDA device under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a plain run)."""
+    if active():
+        dist.barrier()
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """Sums over ranks of `tensors`, through one flattened fp32-or-wider buffer; new tensors."""
+    if not active() or not tensors:
+        return tensors
+    dtype = torch.promote_types(torch.float32, tensors[0].dtype)
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    dev = _comm_device()
+    flat = torch.cat([t.detach().reshape(-1).to(dev, dtype) for t in tensors])
+    dist.all_reduce(flat)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at : at + t.numel()].view_as(t).to(t.device, t.dtype))
+        at += t.numel()
+    return out
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
+    """Means over ranks of `tensors` (one flattened buffer)."""
+    if not active():
+        return tensors
+    w = world_size()
+    return [t / w for t in all_reduce_sum(tensors)]
+
+
+def differentiable_sum(t: Tensor) -> Tensor:
+    """Sum of a 0-d tensor over ranks, with gradient: the backward sums the ranks' cotangents,
+    so d(sum_r obj_r)/d t is exact when every rank differentiates its own objective."""
+    if not active():
+        return t
+    return _SumOverRanks.apply(t)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all-reduce (sum) whose backward is the all-reduce (sum) of the cotangents."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: D102
+        return all_reduce_sum([t])[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return all_reduce_sum([grad])[0]
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: Iterable[Tensor]) -> None:
+    """Overwrite `tensors` in place with rank 0's values (one buffer per dtype)."""
+    if not active():
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    dev = _comm_device()
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        ts = by_dtype[dtype]
+        flat = torch.cat([t.reshape(-1).to(dev) for t in ts])
+        dist.broadcast(flat, src=0)
+        at = 0
+        for t in ts:
+            t.copy_(flat[at : at + t.numel()].view_as(t))
+            at += t.numel()
+
+
+def tensors_in(obj: object) -> list[Tensor]:
+    """Every tensor in a nested dict / list / tuple, in a deterministic order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in obj for t in tensors_in(obj[k])]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+def check_same(value: int, what: str) -> None:
+    """LFMError on every rank when `value` differs between ranks (e.g. the resumed step)."""
+    if not active():
+        return
+    v = torch.tensor([value, -value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    if int(v[0]) != -int(v[1]):
+        raise LFMError(
+            f"the {world_size()} processes disagree on {what} ({int(-v[1])} to {int(v[0])})",
+            "give every process the same --out folder on a shared file system",
+        )
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [offset, offset + size) of a global batch of `total` rows, held by this rank."""
+
+    offset: int
+    size: int
+    total: int
+
+    @staticmethod
+    def whole(n: int) -> Part:
+        """A batch no one else holds a part of (a plain run)."""
+        return Part(0, n, n)
+
+    @property
+    def split(self) -> bool:
+        """True when other ranks hold the rest of the batch."""
+        return self.size != self.total
+
+    def mean(self, v: Tensor) -> Tensor:
+        """This rank's share of the global batch mean: sum(v) / total (v.mean() if whole)."""
+        return v.sum() / self.total if self.split else v.mean()
+
+    def local(self, v: Tensor) -> Tensor:
+        """This rank's rows of a global-batch vector."""
+        return v[self.offset : self.offset + self.size] if self.split else v
+
+    def gather(self, v: Tensor) -> Tensor:
+        """The global-batch vector whose rows are each rank's `v` (zero-filled all-reduce)."""
+        if not self.split:
+            return v
+        full = v.new_zeros((self.total, *v.shape[1:]))
+        full[self.offset : self.offset + self.size] = v.detach()
+        return all_reduce_sum([full])[0]
+
+
+def part_of(batch: Batch) -> Part:
+    """Which rows of its global batch `batch` is."""
+    if batch.whole is None:
+        return Part.whole(len(batch))
+    return Part(batch.offset, len(batch), len(batch.whole))
+
+
+def shard(batch: Batch) -> Batch:
+    """This rank's contiguous part of a global batch (the batch itself in a plain run)."""
+    if not active():
+        return batch
+    off, size = shard_bounds(len(batch), world_size(), rank())
+    sl = slice(off, off + size)
+    return Batch(batch.x[sl], batch.y[sl], batch.idx[sl], whole=batch.idx, offset=off)
+
+
+def shard_bounds(n: int, world: int, r: int) -> tuple[int, int]:
+    """(offset, size) of rank r's contiguous part of n rows, as `torch.tensor_split` splits."""
+    q, extra = divmod(n, world)
+    size = q + (1 if r < extra else 0)
+    return r * q + min(r, extra), size
