@@ -6,6 +6,7 @@ anything, not just a bench folder; `lfm.apps.report` decides what to draw.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,11 +19,16 @@ import numpy as np  # noqa: E402
 DPI = 90
 
 
+def _colour(k: int) -> tuple:
+    """The k-th of 20 distinct colours."""
+    return plt.get_cmap("tab20")(k % 20)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keep legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -127,6 +133,7 @@ def grouped_bars(
             yerr=err,
             label=name,
             capsize=2,
+            color=_colour(k),
         )
     ax.set_xticks(x)
     ax.set_xticklabels(
@@ -137,8 +144,8 @@ def grouped_bars(
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05 if ylabel.endswith("accuracy") else None)
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(len(names), 4))
+        ax.set_title(textwrap.fill(title, 70), fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, path)
 
 
@@ -217,13 +224,23 @@ def curves(
     -------
     >>> curves({"ce": ([1, 2, 3], [0.5, 0.7, 0.8])}, "curves.png")
     """
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, (x, y) in series.items():
-        ax.plot(x, y, marker="o" if len(x) < 15 else None, ms=3, label=name)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for k, (name, (x, y)) in enumerate(series.items()):
+        # tab20 gives each of up to 20 lines its own colour; a second learner (W2) is dashed
+        ax.plot(
+            x,
+            y,
+            marker="o" if len(x) < 15 else None,
+            ms=3,
+            label=name,
+            color=_colour(k),
+            linestyle="--" if name.endswith("W2") else "-",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+    # outside the axes, so the legend never hides a curve
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     return _save(fig, path)
