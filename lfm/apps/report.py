@@ -200,26 +200,29 @@ def _confusions(
     )
 
 
-def _weights(run: RunInfo, out: Path) -> Path | None:
+def _weights(run: RunInfo, out: Path) -> list[Path]:
+    """One histogram figure per per-example weight the run saved (LFM-DR has both b and a)."""
     from lfm.apps.suspects import WEIGHT_KEYS
 
     path = run.dir / "per_example.npz"
     if not path.is_file():
-        return None
+        return []
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     n = len(arrays.get("index", []))
-    key = next((k for k in WEIGHT_KEYS if k in arrays and arrays[k].shape == (n,)), None)
-    if key is None or np.isnan(arrays[key]).all():
-        return None
-    return figures.weight_histograms(
-        arrays[key],
-        arrays["label"],
-        out / f"weights_{_safe(run.dir.name)}.png",
-        noisy=arrays.get("noisy"),
-        key=key,
-        title=f"learned {key}: {run.label} ({run.setting})",
-    )
+    keys = [k for k in WEIGHT_KEYS if k in arrays and arrays[k].shape == (n,)]
+    return [
+        figures.weight_histograms(
+            arrays[key],
+            arrays["label"],
+            out / f"weights_{key}_{_safe(run.dir.name)}.png",
+            noisy=arrays.get("noisy"),
+            key=key,
+            title=f"learned {key}: {run.label} ({run.setting})",
+        )
+        for key in keys
+        if not np.isnan(arrays[key]).all()
+    ]
 
 
 def ablation_groups(
@@ -377,7 +380,7 @@ def make_report(
     for r in chosen:
         if len(figs) >= max_weight_figures:
             break
-        figs.append(_weights(r, dest))
+        figs.extend(_weights(r, dest))
     sections.append(("Learned weights", [f for f in figs if f]))
     figs = [_ablation(runs, g, dest, k) for k, g in enumerate(ablation_groups(runs, groups))]
     sections.append(("Ablations", [f for f in figs if f]))
