@@ -12,7 +12,7 @@ variant that validation accuracy alone would pick. Test accuracy never enters th
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -62,40 +62,49 @@ def mean_std(values: list[float]) -> str:
 
 
 def summarise(folder: Path) -> str:
-    """The Markdown table of one bench folder."""
-    rows = list(csv.DictReader(open(folder / "all_runs.csv")))
+    """The Markdown table of one bench folder (complete runs only; works on a partial suite)."""
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str]] = []
-    for r in rows:
-        if r["status"] != "complete":
+    for run_dir in sorted((folder / "runs").iterdir()):
+        spec_path, res_path = run_dir / "run.json", run_dir / "results.json"
+        if not (spec_path.is_file() and res_path.is_file()):
             continue
-        key = (r["setting"], f"{r['label']} {r['learner']}" if r["learner"] not in ("model",) else r["label"])
-        if key not in order:
-            order.append(key)
-        c = cells[key]
-        c["val"].append(float(r["val_last"]))
-        c["test"].append(float(r["test_last"]))
-        if r["learner"] in ("model", "W1"):  # weights are per run, count them once
-            for k, v in weight_aurocs(Path(r["run_dir"])).items():
-                c[f"auroc_{k}"].append(v)
+        spec, res = json.loads(spec_path.read_text()), json.loads(res_path.read_text())
+        if res.get("status") != "complete":
+            continue
+        for learner, last in res["last"].items():
+            name = spec["label"] if learner == "model" else f"{spec['label']} {learner}"
+            key = (spec["setting"], name)
+            c = cells[key]
+            c["val"].append(last["val_acc"])
+            c["test"].append(last["test_acc"])
+            if learner in ("model", "W1"):  # weights are per run: count them once
+                for k, v in weight_aurocs(run_dir).items():
+                    c[f"auroc_{k}"].append(v)
+    # rows in the order methods were listed: baselines first, then the LFM variants
+    order = sorted(cells, key=lambda k: (k[0], k[1].startswith("lfm"), k[1]))
     out = []
     for setting in dict.fromkeys(s for s, _ in order):
         out.append(f"### {folder.name}: {setting}\n")
-        out.append("| method | val acc (last) | test acc (last) | AUROC of b | AUROC of a |")
-        out.append("|---|---|---|---|---|")
+        out.append(
+            "| method | seeds | val acc (last) | test acc (last) | AUROC of b | AUROC of a |"
+        )
+        out.append("|---|---|---|---|---|---|")
         best_val, best_name = -math.inf, ""
         for s, name in order:
             if s != setting:
                 continue
             c = cells[(s, name)]
             out.append(
-                f"| {name} | {mean_std(c['val'])} | {mean_std(c['test'])} | "
+                f"| {name} | {len(c['test'])} | {mean_std(c['val'])} | {mean_std(c['test'])} | "
                 f"{mean_std(c.get('auroc_b', []))} | {mean_std(c.get('auroc_a', []))} |"
             )
             if name.startswith("lfm") and np.mean(c["val"]) > best_val:
                 best_val, best_name = float(np.mean(c["val"])), name
-        out.append(f"\nLFM variant and learner with the best mean validation accuracy: **{best_name}**"
-                   f" ({best_val:.3f}).\n")
+        out.append(
+            f"\nLFM variant and learner with the best mean validation accuracy: **{best_name}**"
+            f" ({best_val:.3f}).\n"
+        )
     return "\n".join(out)
 
 

@@ -122,6 +122,14 @@ def reference(w1, w2, s1, s2, d, vnet, opts, lr1, lr2, shared=False, bank=None):
     L = ce(w2, P2n, dict(w2.named_buffers()), in_val, y_val).mean()
     if opts.b_path == "w2+w1val":
         L = L + opts.w1_val_weight * u.mean()
+    if opts.b_path == "w1val":  # b from L_val(W1') alone; V and r from L_val(W2')
+        (gb,) = torch.autograd.grad(opts.w1_val_weight * u.mean(), [bl], retain_graph=True)
+        gs = torch.autograd.grad(L, [rl, *vp.values()], allow_unused=True)
+        gv = [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(gs[1:], vp.values(), strict=True)
+        ]
+        return gb, gs[0], gv
     wrt = [bl, rl, *vp.values()]
     gs = torch.autograd.grad(L, wrt, allow_unused=True)
     gv = [torch.zeros_like(p) if g is None else g for g, p in zip(gs[2:], vp.values(), strict=True)]
@@ -149,6 +157,7 @@ CASES = {
     "b-batch-normalised": dict(opts=dict(b_mode="batch-normalised")),
     "a-normalised": dict(opts=dict(a_norm=True)),
     "w2+w1val": dict(opts=dict(b_path="w2+w1val", w1_val_weight=0.7)),
+    "w1val": dict(opts=dict(b_path="w1val", w1_val_weight=0.7)),
     "bank": dict(bank=True),
     "head-encoder": dict(head=True),
     "shared": dict(shared=True, sgd="momentum-wd"),

@@ -101,6 +101,7 @@ def accuracy(model, split):
         ("a-normalised", True),
         ("a-only", False),
         ("w1-val", True),
+        ("w1-val-only", False),
         ("ps", False),
         ("fast", True),
     ],

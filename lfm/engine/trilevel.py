@@ -23,6 +23,8 @@ Hypergradients (n = training batch size, xi = lr * d step / d grad, see `virtual
 Where h comes from is the *b path*, the one place the variants differ:
     `w2`       h = dL_val(W2')/dW1' through u (the paper);
     `w2+w1val` h as above + lam * grad L_val(W1'): b also answers to W1's own validation loss;
+    `w1val`    h = lam * grad L_val(W1') alone: a control that keeps W2, V and r as in the paper
+               but lets only W1's own validation loss drive b (a persistent, per-example L2RW);
     `own-grad` h = W1's own clipped training gradient grad L1 (what the authors' code runs:
                b never sees validation data);
     `frozen`   no b update.
@@ -56,7 +58,8 @@ from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
 from lfm.train.distributed import Part
 
-B_PATHS = ("w2", "w2+w1val", "own-grad", "frozen")
+B_PATHS = ("w2", "w2+w1val", "w1val", "own-grad", "frozen")
+_THROUGH_U = ("w2", "w2+w1val", "w1val")  # b paths that need u's graph back to W1'
 
 
 @dataclass
@@ -87,7 +90,7 @@ class IterOptions:
     use_u: bool = True
     use_z: bool = True
     a_norm: bool = False  # a_i / mean(a)
-    b_path: str = "w2"  # w2 | w2+w1val | own-grad | frozen
+    b_path: str = "w2"  # w2 | w2+w1val | w1val | own-grad | frozen
     w1_val_weight: float = 1.0  # lam of the w2+w1val path
     own_grad_clip: float = 5.0  # norm clip of W1's own gradient on the own-grad path
 
@@ -273,14 +276,32 @@ def validate(
     # dL/da_i = -xi2/n * g_val . grad l_i(W2)
     dL_da = -s2.xi2 / n * hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, g_val)  # (n,)
 
-    through_u = s1 is not None and b is not None and opts.b_path in ("w2", "w2+w1val")
+    through_u = s1 is not None and b is not None and opts.b_path in _THROUGH_U
     objective = (_wide(s2.a) * _wide(dL_da)).sum()
-    if through_u and opts.b_path == "w2+w1val" and (not part.split or distributed.is_main()):
-        # + lam * L_val(W1'): the same on every rank, so counted on one only
+    # + lam * L_val(W1'): the same on every rank, so counted on one only
+    own_val = through_u and opts.b_path in ("w2+w1val", "w1val")
+    own_val_here = own_val and (not part.split or distributed.is_main())
+    if own_val_here and opts.b_path == "w2+w1val":
         objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
-    wrt = [*v_params, r, *p1_leaves]
-    grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+    if opts.b_path == "w1val" and through_u:
+        # V and r answer to L_val(W2') as in the paper; h comes from L_val(W1') alone
+        grads = list(
+            torch.autograd.grad(objective, [*v_params, r], allow_unused=True, retain_graph=True)
+        )
+        if own_val_here:
+            h_own = torch.autograd.grad(
+                opts.w1_val_weight * _wide(s2.u).mean(), p1_leaves, allow_unused=True
+            )
+            grads += [
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(h_own, p1_leaves, strict=True)
+            ]
+        else:  # other ranks add zeros, so every rank all-reduces the same tensors
+            grads += [torch.zeros_like(p) for p in p1_leaves]
+    else:
+        wrt = [*v_params, r, *p1_leaves]
+        grads = torch.autograd.grad(objective, wrt, allow_unused=True)
     if part.split:  # sums over training examples: add up the ranks' parts
         held = [i for i, g in enumerate(grads) if g is not None]
         summed = distributed.all_reduce_sum([grads[i] for i in held])
@@ -367,7 +388,7 @@ def iteration(
         lr2,
         w2_inputs=w2_inputs,
         bank=bank,
-        u_grad=opts.b_path in ("w2", "w2+w1val"),
+        u_grad=opts.b_path in _THROUGH_U,
         part=part,
     )
     return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts, part)

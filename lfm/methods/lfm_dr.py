@@ -21,6 +21,9 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
                  b minimises L_val(W2') + w1_val_weight * L_val(W1'). The added term is the
                  L2RW meta-gradient; it directly opposes "make W1 worse" and costs nothing extra
                  (it is a constant added to the cotangent of u in the same backward pass).
+- `w1-val-only`  a control for `w1-val`: b answers to L_val(W1') alone (W2, V and r as in the
+                 paper). If it matches `w1-val`, the gain comes from this L2RW-like term and not
+                 from learning from W2's relearning.
 
 Encoders (`LFMConfig.encoder`): `full` (a network trained in stage 3: a fresh body of the
 learner's architecture, or `encoder_model` from the model registry, optionally loaded from a
@@ -110,6 +113,7 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "a-normalised": ("w2", True),
     "a-only": ("frozen", False),
     "w1-val": ("w2+w1val", False),
+    "w1-val-only": ("w1val", False),
 }
 OPTIMS = ("adam", "sgd")
 
@@ -118,7 +122,7 @@ OPTIMS = ("adam", "sgd")
 class LFMConfig:
     """Everything LFM-DR adds to a plain training run. Presets: `PRESETS`."""
 
-    variant: str = "paper"  # paper | authors-code | a-normalised | a-only | w1-val (module doc)
+    variant: str = "paper"  # paper | authors-code | a-normalised | a-only | w1-val | w1-val-only
     backend: str = "exact"  # exact (jvp) | fd (finite differences, DARTS eps, fp32)
     b_mode: str = (
         "raw"  # how b enters stage 1: raw (w=b, clamped >= 0) | sigmoid | batch-normalised
@@ -259,6 +263,7 @@ PRESETS: dict[str, LFMConfig] = {
     "a-normalised": LFMConfig(variant="a-normalised"),  # a / mean(a) per batch
     "a-only": LFMConfig(variant="a-only"),  # b frozen: stage-2 weights only
     "w1-val": LFMConfig(variant="w1-val"),  # + W1's own validation loss in b's objective
+    "w1-val-only": LFMConfig(variant="w1-val-only"),  # control: only W1's validation loss drives b
     "ps": LFMConfig(encoder="shared"),  # paper + parameter sharing (Table X)
     "fast": LFMConfig(encoder="head", backend="fd"),  # frozen cached encoder, DARTS differences
 }
