@@ -14,6 +14,10 @@ from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
 HELP = "reweight training data with LFM-DR and compare it with plain cross-entropy"
+# The variant `lfm dr` runs unless told otherwise. Picked on validation accuracy of the MNIST-1D
+# suites in docs/RESULTS.md (40% flip noise and imbalance 50, 3 seeds), where it ties with its
+# control w1-val-only and beats the faithful `paper` form; `--variant paper` runs the paper's.
+RECOMMENDED = "w1-val"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("LFM-DR")
     g.add_argument(
-        "--variant", help="paper (faithful), authors-code, a-normalised, a-only or w1-val"
+        "--variant",
+        default=RECOMMENDED,
+        help=f"LFM-DR variant (default {RECOMMENDED}, chosen on validation data, see "
+        "docs/RESULTS.md): paper (faithful to the paper), authors-code, a-normalised, a-only, "
+        "w1-val, w1-val-only",
     )
     g.add_argument(
         "--backend",
@@ -75,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
             cfg.method_options = {}  # LFM options mean nothing to the baselines
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
-        all_results.append(train(cfg))
+        res = train(cfg)
+        if m == "lfm":  # name the variant in the table
+            res = {**res, "method": f"lfm ({cfg.method_options.get('variant', 'paper')})"}
+        all_results.append(res)
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
     print(runs_table(all_results))
