@@ -55,10 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
 from lfm.data.types import Batch
 from lfm.engine.functional import Params, buffers_of, leaves, losses, params_of
+from lfm.engine.hypergrad import loss_jvp
 from lfm.engine.virtual import VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
@@ -183,15 +183,8 @@ def loss_alignment(
     -------
     >>> dots = loss_alignment(model, p, buffers_of(model), x, y, v)  # > 0: i agrees with clean set
     """
-    p = {k: v.detach() for k, v in params.items()}
-    t = {k: direction[k].detach().to(v.dtype) for k, v in p.items()}
-
-    def per_example(q: Params) -> Tensor:
-        return losses(model, q, buffers, x, y)
-
-    with batchnorm_batch_stats(model):
-        _, dots = jvp(per_example, (p,), (t,))
-    return dots
+    # the engine's exact backend: one jvp of the per-example losses (buffers cloned inside)
+    return loss_jvp(model, params, buffers, x, y, direction)
 
 
 def l2rw_eps_grad(
