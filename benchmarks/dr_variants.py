@@ -1,4 +1,4 @@
-"""Summarise LFM-DR variant suites: validation and test accuracy, and how well `b` and `a` find noise.
+"""Summarise LFM-DR variant suites: validation and test accuracy, and how well b and a find noise.
 
 Reads one or more `lfm bench` output folders (see `docs/RESULTS.md` for the commands that make
 them) and prints, per setting, a Markdown table with the mean (and std over seeds) of last-epoch
