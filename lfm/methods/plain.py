@@ -25,6 +25,37 @@ from lfm.train import distributed
 from lfm.train.optim import make_optimizer, set_lr
 
 
+def descend(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    step: int,
+    clip: float | None,
+    reduce: bool,
+) -> float:
+    """One optimizer step on `loss` (this rank's share when `reduce`); returns the global loss.
+
+    A non-finite loss stops the run with the step named. With `reduce`, the ranks' gradient
+    shares are summed, which is the gradient of the global batch's loss.
+    """
+    if not torch.isfinite(loss):
+        raise LFMError(
+            f"the training loss became {loss.item()} at step {step}",
+            "lower --lr, or check the data for NaN values",
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if reduce:
+        params = [p for p in model.parameters() if p.grad is not None]
+        *grads, loss = distributed.all_reduce_sum([p.grad for p in params] + [loss.detach()])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+    if clip:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss.item()
+
+
 class PlainMethod(Method):
     """Minimise the mean of a per-example loss with the run's optimizer."""
 
@@ -60,22 +91,9 @@ class PlainMethod(Method):
         set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
         logits = self.forward(ctx.bundle.inputs(batch.x, train=True))
         loss = distributed.part_of(batch).mean(self.loss_fn(logits.float(), batch.y))
-        if not torch.isfinite(loss):
-            raise LFMError(
-                f"the training loss became {loss.item()} at step {ctx.step}",
-                "lower --lr, or check the data for NaN values",
-            )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if distributed.active():  # sum of the ranks' shares = the global batch mean's gradient
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            *grads, loss = distributed.all_reduce_sum([p.grad for p in params] + [loss.detach()])
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-        if self.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        return {"loss": loss.item()}
+        return {
+            "loss": descend(self.model, self.opt, loss, ctx.step, self.clip, distributed.active())
+        }
 
     def models(self) -> dict[str, nn.Module]:
         """The single learner, named `model`."""

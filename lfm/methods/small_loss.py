@@ -44,6 +44,7 @@ from lfm.data.types import Batch, iterate_batches
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.meta import method_options
+from lfm.methods.plain import descend
 from lfm.train import distributed
 from lfm.train.optim import make_optimizer, set_lr
 
@@ -140,25 +141,12 @@ class SmallLoss(Method):
         keep_all = keep_smallest(part.gather(loss_i.detach()), rho)  # over the global batch
         keep = part.local(keep_all)
         loss = loss_i[keep].sum() / keep_all.sum() if part.split else loss_i[keep].mean()
-        if not torch.isfinite(loss):
-            raise LFMError(
-                f"the training loss became {loss.item()} at step {ctx.step}",
-                "lower --lr, or check the data for NaN values",
-            )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if part.split:  # the ranks' shares add up to the global kept mean's gradient
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            *grads, loss = distributed.all_reduce_sum([p.grad for p in params] + [loss.detach()])
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-        if self.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
+        # the ranks' shares add up to the global kept mean's gradient
+        loss_value = descend(self.model, self.opt, loss, ctx.step, self.clip, part.split)
         idx = (batch.idx if batch.whole is None else batch.whole).cpu()
         self.seen.index_add_(0, idx, torch.ones(len(idx)))
         self.kept.index_add_(0, idx, keep_all.float().cpu())
-        return {"loss": loss.item(), "rho": rho}
+        return {"loss": loss_value, "rho": rho}
 
     def on_epoch_end(self, ctx: Context) -> None:
         """With rho=auto, estimate the noise rate once the warm-up is over."""
