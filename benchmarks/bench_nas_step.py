@@ -3,7 +3,8 @@
     python benchmarks/bench_nas_step.py --small            # seconds on a CPU
     python benchmarks/bench_nas_step.py --layers 8 --C 16 --batch 64 --device cuda   # the paper
 
-One process, the same CIFAR-shaped random batches for every method. Peak memory: on CUDA,
+One process, the same CIFAR-shaped random batches for every method; for time the methods take
+turns step by step (median over steps). Peak memory, one method at a time: on CUDA,
 torch.cuda.max_memory_allocated; on CPU, the peak bytes held by autograd's saved tensors
 (the activations a step keeps for backward, which is what grows with unrolling), measured with
 saved-tensor hooks. The issue's targets: LFM-DARTS <= 2x DARTS 2nd order in time without
@@ -54,8 +55,8 @@ METHODS = {
 }
 
 
-def main() -> None:
-    """Parse flags, run every method, print a markdown table."""
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse flags, run every method, print a markdown table and return its rows."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--C", type=int, default=16)
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
     ap.add_argument("--small", action="store_true", help="quick mode: 5 cells, C=8, batch 16")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.small:
         args.layers, args.C, args.batch = 5, 8, 16
     if args.threads:
@@ -81,45 +82,56 @@ def main() -> None:
 
     bundle = DataBundle("random-cifar", 10, shape, split(), split(), split())
     stage = _Stage(args.layers, 8, 1, 0, 0.0)
-    rows = []
-    for name, kw in METHODS.items():
-        cfg = SearchConfig(layers=args.layers, C=args.C, batch_size=args.batch, hvp=args.hvp, **kw)
-        ln = _Learners(
-            cfg,
-            bundle,
-            stage,
-            None,
-            None,
-            cfg.method.startswith("lfm"),
-            dev,
-            torch.Generator().manual_seed(0),
-        )
-        xs = [
-            (
-                bundle.train.x[i * args.batch : (i + 1) * args.batch].to(dev),
-                bundle.train.y[i * args.batch : (i + 1) * args.batch].to(dev),
-                bundle.val.x[i * args.batch : (i + 1) * args.batch].to(dev),
-                bundle.val.y[i * args.batch : (i + 1) * args.batch].to(dev),
-                torch.arange(i * args.batch, (i + 1) * args.batch, device=dev),
+    xs = [
+        tuple(
+            t.to(dev)
+            for t in (
+                bundle.train.x[i * args.batch : (i + 1) * args.batch],
+                bundle.train.y[i * args.batch : (i + 1) * args.batch],
+                bundle.val.x[i * args.batch : (i + 1) * args.batch],
+                bundle.val.y[i * args.batch : (i + 1) * args.batch],
+                torch.arange(i * args.batch, (i + 1) * args.batch),
             )
-            for i in range(4)
-        ]
-        meter = _SavedBytes()
-        times = []
+        )
+        for i in range(4)
+    ]
+
+    def learners(kw: dict) -> _Learners:
+        cfg = SearchConfig(layers=args.layers, C=args.C, batch_size=args.batch, hvp=args.hvp, **kw)
+        lfm = cfg.method.startswith("lfm")
+        return _Learners(cfg, bundle, stage, None, None, lfm, dev, torch.Generator().manual_seed(0))
+
+    def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    # memory: one method at a time, so nothing else is resident (one warm-up step first)
+    mems = {}
+    for name, kw in METHODS.items():
+        ln = learners(kw)
+        ln.step(*xs[0], arch=True)
+        meter = _SavedBytes()
+        sync()
+        if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            for s in range(args.steps + 1):
-                t0 = time.perf_counter()
-                ln.step(*xs[s % 4], arch=True)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if s > 0:  # the first step pays for allocation and lazy init
-                    times.append(time.perf_counter() - t0)
-        mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else meter.peak
-        rows.append((name, statistics.median(times), mem / 2**20))
+            ln.step(*xs[1], arch=True)
+        sync()
+        mems[name] = torch.cuda.max_memory_allocated() if dev.type == "cuda" else meter.peak
         del ln
+    # time: the methods take turns step by step, so a change in the machine's load during the
+    # run hits every method alike (the ratios are what we report)
+    lns = {name: learners(kw) for name, kw in METHODS.items()}
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for s in range(args.steps + 1):
+        for name, ln in lns.items():
+            sync()
+            t0 = time.perf_counter()
+            ln.step(*xs[s % 4], arch=True)
+            sync()
+            if s > 0:  # the first step pays for allocation and lazy init
+                times[name].append(time.perf_counter() - t0)
+    rows = [(name, statistics.median(times[name]), mems[name] / 2**20) for name in METHODS]
     base_t = dict((r[0], r[1]) for r in rows)["darts-2nd"]
     base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
     print(
@@ -131,6 +143,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, t, m in rows:
         print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m:.1f} | {m / base_m:.2f} |")
+    return [
+        {"method": n, "sec": t, "x_time": t / base_t, "mib": m, "x_mem": m / base_m}
+        for n, t, m in rows
+    ]
 
 
 if __name__ == "__main__":

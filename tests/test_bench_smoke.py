@@ -22,3 +22,21 @@ def test_bench_dr_step_runs_small(capsys):
         torch.set_num_threads(threads)
     assert len(rows) == 7 and all(r["sec"] > 0 for r in rows)
     assert "x CE step" in capsys.readouterr().out
+
+
+def test_bench_nas_step_runs_small(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nas_step.py"
+    spec = importlib.util.spec_from_file_location("bench_nas_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        rows = mod.main(
+            ["--layers", "2", "--C", "4", "--batch", "4", "--size", "8", "--steps", "1"]
+            + ["--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in rows][1] == "darts-2nd" and rows[1]["x_time"] == 1.0
+    assert len(rows) == 4 and all(r["sec"] > 0 and r["mib"] > 0 for r in rows)
+    assert "x DARTS-2nd" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from torch import nn
 from lfm.nas.hypergrad import (
     SGDView,
     ce_loss,
+    sgd_view,
     darts_alpha_grad,
     head_keys,
     lfm_nas_grad,
@@ -92,6 +93,30 @@ def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, to
     got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, backend, fd_scale).alphas
     for g, r in zip(got, ref, strict=True):
         assert _rel(g, r) < tol, (_rel(g, r), backend)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_virtual_step_is_torch_sgd_step(nesterov):
+    """sgd_view + virtual_step reproduce torch.optim.SGD's next iterate, momentum included."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    for _ in range(3):  # the first step has no momentum buffer yet, the later ones do
+        g = torch.randn_like(p)
+        want = virtual_step({"p": p.detach()}, {"p": g}, sgd_view(opt, {"p": p}))["p"]
+        p.grad = g
+        opt.step()
+        assert torch.allclose(want, p.detach(), atol=1e-12, rtol=0)
+
+
+def test_darts_second_order_with_nesterov_uses_its_step_size():
+    """With Nesterov, dw'/dg = -lr (1 + momentum); the unrolled reference sees that by itself."""
+    net, w, alphas, sgd, train, val = _setup()
+    sgd = SGDView(sgd.lr, sgd.momentum, sgd.weight_decay, sgd.buf, nesterov=True)
+    ref = _darts_reference(net, w, alphas, sgd, train, val)
+    got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, "exact").alphas
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) < 1e-6, _rel(g, r)
 
 
 def test_darts_first_order_is_direct_gradient():

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lfm.engine.virtual import VirtualSGD
 from lfm.errors import LFMError
 from lfm.nas.supernet import Alphas
 
@@ -45,32 +46,46 @@ HVP_BACKENDS = ("exact", "fd")
 class SGDView:
     """The parts of the weight optimizer a virtual step must mimic (torch SGD, dampening 0)."""
 
-    lr: float  # xi: DARTS uses the current weight learning rate
+    lr: float  # DARTS uses the current weight learning rate
     momentum: float = 0.9
     weight_decay: float = 3e-4
     buf: Params | None = None  # momentum buffers by parameter name; None before the first step
+    nesterov: bool = False
+
+    def virtual(self) -> VirtualSGD:
+        """The engine's pure-function SGD with this optimizer's settings and momentum buffers."""
+        v = VirtualSGD(self.momentum, self.weight_decay, self.nesterov)
+        v.buffers = self.buf
+        return v
+
+    @property
+    def xi(self) -> float:
+        """-dw'/dg of the virtual step (lr; lr * (1 + momentum) with Nesterov)."""
+        return self.virtual().xi(self.lr)
 
 
 def sgd_view(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> SGDView:
     """Read lr, momentum, weight decay and momentum buffers of `opt` for parameters `named`."""
     g = opt.param_groups[0]
+    if g.get("dampening", 0.0):
+        raise LFMError("the virtual step mimics SGD without dampening", "use SGD with dampening=0")
     buf = {}
     for k, p in named.items():
         st = opt.state.get(p, {})
         if st.get("momentum_buffer") is not None:
             buf[k] = st["momentum_buffer"]
-    return SGDView(g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), buf or None)
+    return SGDView(
+        g["lr"],
+        g.get("momentum", 0.0),
+        g.get("weight_decay", 0.0),
+        buf or None,
+        bool(g.get("nesterov", False)),
+    )
 
 
 def virtual_step(w: Params, g: Params, sgd: SGDView) -> Params:
-    """w' = w - xi * (momentum * buf + g + wd * w): exactly torch SGD's next iterate."""
-    out = {}
-    for k, wk in w.items():
-        d = g[k] + sgd.weight_decay * wk
-        if sgd.buf is not None and k in sgd.buf:
-            d = d + sgd.momentum * sgd.buf[k]
-        out[k] = wk - sgd.lr * d
-    return out
+    """w' = torch SGD's next iterate from w with gradient g (lfm.engine.virtual.VirtualSGD)."""
+    return sgd.virtual().step(w, g, sgd.lr)[0]
 
 
 def flat_norm(v: Sequence[Tensor]) -> Tensor:
@@ -182,7 +197,7 @@ def darts_alpha_grad(
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
     mixed = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, *train), w, a, v, backend, fd_scale)
-    d = tuple(d - sgd.lr * m for d, m in zip(d_alpha, mixed, strict=True))
+    d = tuple(d - sgd.xi * m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
 
@@ -285,7 +300,7 @@ def lfm_nas_grad(
         return (bb[2] * ce_loss(net, ww, (bb[0], bb[1]), xt, yt, reduction="none")).mean()
 
     m2 = mixed_grad(f2, w2, (*a_d, a.detach()), v2, backend, fd_scale)
-    d_a = -sgd2.lr * m2[2]  # (n,) dL/da
+    d_a = -sgd2.xi * m2[2]  # (n,) dL/da
     # back through a -> (u -> (alpha, W1'), x -> V, r)
     enc_keys = list(encl)
     back = _grads_or_zeros(
@@ -300,7 +315,7 @@ def lfm_nas_grad(
     # through W1': mixed derivative of L1 w.r.t. alpha along h
     m1 = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, xt, yt), w1, a_d, h, backend, fd_scale)
     d_alpha = tuple(
-        d0 - sgd2.lr * m2_ + du - sgd1.lr * m1_
+        d0 - sgd2.xi * m2_ + du - sgd1.xi * m1_
         for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
     )
     return LFMGrad(
@@ -341,73 +356,78 @@ def lfm_nas_grad_shared(
     update is part of stage 2); u_j = CE(H1'(S(d_j))). Stage 2 unrolls the shared body and H2
     on the body's loss L1 + mean_i a_i l_i(S, H2): W2' = vstep((S, H2), grad). The alpha
     gradient is the direct term, the W2' term (mixed derivative, fd or exact) and the u term
-    (exact autograd: u depends on alpha through S's features and through H1', a head step
-    on the training features). `net` needs heads=2; `w` holds S, H1 (heads.0), H2 (heads.1).
+    (exact autograd: u depends on alpha through S's features on the validation batch, and
+    through H1', a head step on the training batch's features). `net` needs heads=2; `w` holds
+    S, H1 (heads.0), H2 (heads.1).
+
+    Memory: the u term is back-propagated after the W2' passes, from a recomputation, one batch
+    at a time (validation body, then training body, with the features as the seam), so no two
+    body graphs are ever alive together and peak memory stays at one body pass, as in DARTS.
     """
     xt, yt = train
     xv, yv = val
     k1, k2 = head_keys(w, 0), head_keys(w, 1)
     ks = [k for k in w if k not in k1 and k not in k2]
+    k_w2 = ks + k2
     a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
     a_d = tuple(t.detach() for t in alphas)
     rl = r.detach().requires_grad_(True)
+    wd = {k: t.detach() for k, t in w.items()}  # passes that differentiate alpha only
+    h1 = {k: wd[k] for k in k1}
 
-    def u_path(wl: Params, a: tuple[Tensor, ...]):
-        """Stage 1 and the weights a. With a graph to alpha only when `a` requires grad."""
-        f_tr, (o1, o2) = functional_call(net, wl, (xt, a), {"all_heads": True})  # one body pass
-        l1 = F.cross_entropy(o1, yt)
-        # H1' keeps a graph (head only: cheap), so u sees alpha through the train features
-        gh1 = torch.autograd.grad(
-            l1, [wl[k] for k in k1], retain_graph=True, create_graph=a[0].requires_grad
-        )
-        h1p = virtual_step({k: wl[k] for k in k1}, dict(zip(k1, gh1, strict=True)), sgd)
-        with torch.set_grad_enabled(a[0].requires_grad):  # pass 1 needs values only
-            f_val = functional_call(net, wl, (xv, a), {"all_heads": True})[0]
-            u = F.cross_entropy(
-                F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv, reduction="none"
-            )  # (m,)
-        a_w = _stage2_weights(f_tr.detach(), f_val.detach(), yt, yv, u, rl, similarity)  # (n,)
-        return a_w, u, l1, o2, gh1
+    def u_and_a(f_tr: Tensor, f_val: Tensor, r_: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage 1 on the heads and the weights a; differentiable in f_tr, f_val and r_."""
+        h1l = _detached_leaves(h1)
+        l1 = F.cross_entropy(F.linear(f_tr, h1l["heads.0.weight"], h1l["heads.0.bias"]), yt)
+        need = f_tr.requires_grad  # H1' carries a graph to the features only when asked
+        gh1 = torch.autograd.grad(l1, list(h1l.values()), create_graph=need)
+        h1p = virtual_step(h1, dict(zip(k1, gh1, strict=True)), sgd)
+        logits = F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"])
+        u = F.cross_entropy(logits, yv, reduction="none")  # (m,)
+        a_w = _stage2_weights(f_tr.detach(), f_val.detach(), yt, yv, u, r_, similarity)  # (n,)
+        return a_w, u
 
-    # pass 1, no graph to alpha: the weights a, and W2's step from the same body pass.
-    # The u-path graph is rebuilt at the end (pass 2) instead of being held through the
-    # W2' passes: one more body pass on each batch, but peak memory stays near DARTS's.
+    # pass 1 (values for stage 1 and 2, gradients for the weights): the weights a, and W2's
+    # step from the same body pass on the training batch
     wl = _detached_leaves(w)
-    a, u, l1, o2, gh1 = u_path(wl, a_d)
+    f_tr, (o1, o2) = functional_call(net, wl, (xt, a_d), {"all_heads": True})
+    l1 = F.cross_entropy(o1, yt)
+    with torch.no_grad():
+        f_val = functional_call(net, wd, (xv, a_d), {"all_heads": True})[0]
+    with torch.enable_grad():
+        a, u = u_and_a(f_tr.detach(), f_val, rl.detach())
     l2 = (a.detach() * F.cross_entropy(o2, yt, reduction="none")).mean()
-    k_w2 = ks + k2
-    g = torch.autograd.grad(l1 + l2, [wl[k] for k in k_w2])
-    g2 = dict(zip(k_w2, g, strict=True))
-    l1, a, u = l1.detach(), a.detach(), u.detach()  # let pass 1's graphs go
-    g1 = {k: t.detach() for k, t in zip(k1, gh1, strict=True)}
-    del o2, gh1, l2
-    w_w2 = {k: w[k].detach() for k in k_w2}
+    grads = torch.autograd.grad(l1 + l2, [wl[k] for k in k1 + k_w2])
+    g1 = {k: t.detach() for k, t in zip(k1, grads[: len(k1)], strict=True)}
+    g2 = {k: t.detach() for k, t in zip(k_w2, grads[len(k1) :], strict=True)}
+    f_tr, l1, a, u = f_tr.detach(), l1.detach(), a.detach(), u.detach()
+    del o1, o2, l2, grads, wl  # let pass 1's graph go before the W2' passes
+    w_w2 = {k: wd[k] for k in k_w2}
     w2p = _detached_leaves(virtual_step(w_w2, g2, sgd))
-    h1 = {k: w[k].detach() for k in k1}
     lv = F.cross_entropy(functional_call(net, w2p | h1, (xv, a_), {"head": 1}), yv)
     gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
     d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
+    loss_val = float(lv.detach())
+    del lv, gr
 
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
         _, (p1, p2) = functional_call(net, ww | h1, (xt, (bb[0], bb[1])), {"all_heads": True})
         return F.cross_entropy(p1, yt) + (bb[2] * F.cross_entropy(p2, yt, reduction="none")).mean()
 
-    m2 = mixed_grad(f2, w_w2, (*a_d, a.detach()), v2, backend, fd_scale)
-    d_a = -sgd.lr * m2[2]
-    # pass 2: the u-path with a graph to alpha and r, back-propagated at once
-    a2 = u_path(_detached_leaves(w), a_)[0]
-    back = _grads_or_zeros(a2, list(a_) + [rl], grad_outputs=d_a)
+    m2 = mixed_grad(f2, w_w2, (*a_d, a), v2, backend, fd_scale)
+    d_a = -sgd.xi * m2[2]
+    # the u term, pass 2a: validation body with a graph to alpha; the training features enter
+    # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
+    f_trl = f_tr.requires_grad_(True)
+    f_val2 = functional_call(net, wd, (xv, a_), {"all_heads": True})[0]
+    a2 = u_and_a(f_trl, f_val2, rl)[0]
+    back = _grads_or_zeros(a2, [*a_, rl, f_trl], grad_outputs=d_a)
+    del f_val2, a2
+    # pass 2b: training body with a graph to alpha, back-propagated from the seam
+    f_tr2 = functional_call(net, wd, (xt, a_), {"all_heads": True})[0]
+    d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
     d_alpha = tuple(
-        d0 - sgd.lr * m + du for d0, m, du in zip(d_direct, m2[:2], back[:2], strict=True)
+        d0 - sgd.xi * m + dv + dt
+        for d0, m, dv, dt in zip(d_direct, m2[:2], back[:2], d_tr, strict=True)
     )
-    return LFMGrad(
-        d_alpha,
-        back[2],
-        None,
-        g1,
-        g2,
-        a.detach(),
-        u.detach(),
-        float(l1.detach()),
-        float(lv.detach()),
-    )
+    return LFMGrad(d_alpha, back[2], None, g1, g2, a, u, float(l1), loss_val)
