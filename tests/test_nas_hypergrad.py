@@ -21,11 +21,11 @@ from torch import nn
 from lfm.nas.hypergrad import (
     SGDView,
     ce_loss,
-    sgd_view,
     darts_alpha_grad,
     head_keys,
     lfm_nas_grad,
     lfm_nas_grad_shared,
+    sgd_view,
     virtual_step,
 )
 from lfm.nas.ops import PRIMITIVES

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lfm.cli.nas_args import add_data_args, config_with_overrides, data_config
+from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
 from lfm.device import resolve_device, seed_everything
 
 HELP = "train the evaluation network of a genotype (a JSON file or a built-in name) from scratch"
@@ -47,7 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="any other setting, e.g. cutout=16 (repeatable)",
     )
     p.add_argument("--config", help="YAML file with an `evaluate:` section")
-    p.add_argument("--out", help="folder for evaluation.json")
+    p.add_argument(
+        "--out",
+        help="folder for evaluation.json and per-epoch checkpoints (a run with the same settings "
+        "continues from them; without --out nothing is saved)",
+    )
+    add_resume_arg(p)
     add_data_args(p)
     p.set_defaults(func=run)
 
@@ -67,7 +72,13 @@ def run(args: argparse.Namespace) -> int:
     genotype = Genotype.load(args.genotype)
     bundle = build_data(data_config(args))
     res = run_evaluate(
-        bundle, genotype, cfg, resolve_device(args.device), progress=not args.no_progress
+        bundle,
+        genotype,
+        cfg,
+        resolve_device(args.device),
+        progress=not args.no_progress,
+        out=args.out,
+        resume=not args.no_resume,
     )
     print(
         f"genotype {args.genotype}: {cfg.layers} cells, C={cfg.C}, "

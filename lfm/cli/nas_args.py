@@ -35,6 +35,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_resume_arg(p: argparse.ArgumentParser) -> None:
+    """--no-resume: start over even when --out holds a checkpoint of the same command."""
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore checkpoints in --out and start over (default: continue from the newest)",
+    )
+
+
 def data_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig of a NAS command."""
     cfg = DataConfig(

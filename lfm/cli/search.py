@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lfm.cli.nas_args import add_data_args, config_with_overrides, data_config
+from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
 from lfm.device import resolve_device, seed_everything
 
 HELP = "search a cell architecture (DARTS, P-DARTS, LFM-DARTS, LFM-PDARTS) and save its genotype"
@@ -58,8 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML file with a `search:` section")
     p.add_argument(
-        "--out", default="search-out", help="folder for genotype.json, genotype.png and search.json"
+        "--out",
+        default="search-out",
+        help="folder for genotype.json, genotype.png, search.json and per-epoch checkpoints "
+        "(a run with the same settings continues from them)",
     )
+    add_resume_arg(p)
     add_data_args(p)
     p.set_defaults(func=run)
 
@@ -74,8 +78,15 @@ def run(args: argparse.Namespace) -> int:
     )
     seed_everything(cfg.seed)
     bundle = build_data(data_config(args))
-    result = run_search(bundle, cfg, resolve_device(args.device), progress=not args.no_progress)
     out = Path(args.out)
+    result = run_search(
+        bundle,
+        cfg,
+        resolve_device(args.device),
+        progress=not args.no_progress,
+        out=out,
+        resume=not args.no_resume,
+    )
     out.mkdir(parents=True, exist_ok=True)
     result.genotype.save(out / "genotype.json")
     plot_genotype(result.genotype, out / "genotype.png")

@@ -6,13 +6,18 @@ References:
   auxiliary weight 0.4, cutout 16, drop-path 0.2 ramped linearly with the epoch).
 - LFM paper, Section IV-A: the evaluation network is trained on train + validation (the
   search's two halves) and tested on the test set; we report the last epoch, never a test pick.
+
+With an out folder, a checkpoint is written at the end of every epoch and a later call with the
+same settings continues from it, to the same result as one uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,14 @@ from lfm.data.types import DataBundle, Split, iterate_batches
 from lfm.errors import LFMError
 from lfm.nas.evalnet import NetworkCIFAR, count_params, cutout
 from lfm.nas.genotypes import Genotype
+from lfm.train.checkpoint import (
+    data_fingerprint,
+    open_checkpoints,
+    restore,
+    rng_state,
+    set_rng_state,
+)
+from lfm.train.progress import progress_bar
 
 
 @dataclass
@@ -97,8 +110,15 @@ def run_evaluate(
     cfg: EvalConfig,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    *,
+    out: Path | str | None = None,
+    resume: bool = True,
 ) -> dict:
-    """Train `genotype` as a NetworkCIFAR from scratch on train + val; return test accuracy etc."""
+    """Train `genotype` as a NetworkCIFAR from scratch on train + val; return test accuracy etc.
+
+    With `out`, checkpoint each epoch into `out`/checkpoints/evaluate and continue from the
+    newest one there unless `resume` is False.
+    """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model = NetworkCIFAR(
@@ -114,13 +134,34 @@ def run_evaluate(
     n_batches = -(-len(data) // cfg.batch_size)
     if cfg.steps_per_epoch is not None:
         n_batches = min(n_batches, cfg.steps_per_epoch)
-    history, t0 = [], time.time()
-    for epoch in range(cfg.epochs):
+    identity = {
+        "evaluate": asdict(cfg),
+        "genotype": genotype.to_dict(),
+        "data": data_fingerprint(bundle),
+    }
+    ckpt, state = open_checkpoints(out, "evaluate", identity, resume)
+    history: list[dict] = []
+    start, elapsed = 0, 0.0
+    if state is not None:
+
+        def load() -> None:
+            nonlocal history, start, elapsed
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["gen"])
+            history, start = json.loads(state["history"]), int(state["epoch"])
+            elapsed = float(state["seconds"])
+            set_rng_state(state["rng"])  # drop-path masks
+
+        restore(ckpt, "evaluate", load, progress)
+    t0 = time.time() - elapsed
+    for epoch in range(start, cfg.epochs):
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))  # cosine to 0, per epoch
         for g in opt.param_groups:
             g["lr"] = lr
         model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
         tot = correct = seen = 0
+        bar = progress_bar(progress, n_batches, 0, f"evaluate epoch {epoch}")
         for i, b in enumerate(
             iterate_batches(data, cfg.batch_size, device=device, seed=cfg.seed, epoch=epoch)
         ):
@@ -140,6 +181,10 @@ def run_evaluate(
             tot += float(loss.detach()) * len(b)
             correct += int((logits.argmax(1) == b.y).sum())
             seen += len(b)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         rec = {
             "epoch": epoch,
             "lr": lr,
@@ -154,6 +199,18 @@ def run_evaluate(
                 f"acc {rec['train_acc']:.3f} ({rec['seconds']:.0f}s)",
                 flush=True,
             )
+        if ckpt is not None:
+            snapshot = {
+                "identity": json.dumps(identity),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "gen": gen.get_state(),
+                "rng": rng_state(),
+                "history": json.dumps(history),
+                "seconds": time.time() - t0,
+            }
+            ckpt.save(snapshot, epoch + 1)
     test_acc = evaluate_accuracy(model, bundle, bundle.test, cfg.batch_size, device)
     return {
         "test_acc": test_acc,  # last epoch (no test-set model selection)

@@ -17,13 +17,19 @@ Order of one search iteration. DARTS (official code): alpha step first (unrolled
 current weights), then the weight step at the new alpha. LFM (Algorithm 1): the virtual steps
 W1', W2' of the hypergradient are the real steps (their gradients are reused, so each learner
 costs one forward/backward on the training batch), then alpha, V and r step.
+
+With an out folder, a checkpoint is written at the end of every epoch (stage plan position,
+surviving ops, alphas, networks, optimizers, r, V, the validation stream, history, RNG) and a
+later call with the same settings continues from it, to the same result as one uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ from torch import nn
 
 from lfm.data.types import DataBundle, Stream, iterate_batches
 from lfm.errors import LFMError
+from lfm.models import MODELS, create_model
 from lfm.nas.genotypes import Genotype, derive_genotype, num_edges
 from lfm.nas.hypergrad import (
     HVP_BACKENDS,
@@ -43,6 +50,14 @@ from lfm.nas.hypergrad import (
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.registry import Registry
+from lfm.train.checkpoint import (
+    data_fingerprint,
+    open_checkpoints,
+    restore,
+    rng_state,
+    set_rng_state,
+)
+from lfm.train.progress import progress_bar
 
 ENCODERS = ("full", "shared")
 
@@ -76,7 +91,8 @@ class SearchConfig:
     max_skip: int | None = 2  # cap on skip-connects in the final normal cell (P-DARTS: 2)
     # LFM (used by lfm-darts and lfm-pdarts)
     encoder: str = "full"  # full: a trainable CNN V; shared: V = W1's body, W1/W2 share it
-    encoder_dim: int = 32  # embedding size of the `full` encoder
+    encoder_model: str = "cnn"  # the `full` encoder's body: a name in lfm.models.MODELS
+    encoder_dim: int = 32  # embedding size of the `full` encoder (a linear map of the body's)
     similarity: str = "dot"  # x_ij = softmax_j(sim(V(d_i), V(d_j))): dot | cosine | l2
     vr_lr: float = 3e-4  # Adam lr of V and r (the paper's stage-3 optimizer, as for alpha)
     r_init: float = 1.0  # initial r_j: a_i starts at sigmoid(sum_j x z u) > 0.5
@@ -142,6 +158,10 @@ class SearchConfig:
             raise bad("similarity", self.similarity, "use dot, cosine or l2")
         if self.encoder_dim < 1:
             raise bad("encoder_dim", self.encoder_dim, "use a positive integer")
+        if self.encoder_model not in MODELS.names():
+            raise bad(
+                "encoder_model", self.encoder_model, f"use one of {', '.join(MODELS.names())}"
+            )
 
 
 SEARCH_PRESETS: dict[str, SearchConfig] = {
@@ -191,27 +211,11 @@ class _Stage:
 # -------------------------------------------------------------------------------------- helpers
 
 
-class SmallEncoder(nn.Module):
-    """V for the `full` encoder mode: conv 32 -> conv 64 (stride 2) -> pool -> linear (dim)."""
-
-    def __init__(self, c_in: int, dim: int = 32):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, 32, 3, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(64, dim),
-        )
-        batch_stats_only(self)  # pure function of (params, batch), like the supernet
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, c_in, H, W) -> (B, dim)."""
-        return self.net(x)
+def nas_encoder(input_shape: tuple[int, ...], dim: int = 32, model: str = "cnn") -> nn.Module:
+    """V for the `full` encoder mode: the body of registry model `model`, then Linear(-> dim)."""
+    clf = create_model(model, 1, input_shape)  # its head is dropped: V ends in the projection
+    v = nn.Sequential(clf.body, nn.Linear(clf.feature_dim, dim))  # (B, *input_shape) -> (B, dim)
+    return batch_stats_only(v)  # a pure function of (params, batch), like the supernet
 
 
 def drop_ops(alpha: torch.Tensor, edge_ops: list[list[str]], keep: int) -> list[list[str]]:
@@ -286,14 +290,42 @@ class _Learners:
         )
         self.opt1 = _sgd(self.net1.parameters(), cfg)
         self.opt2 = _sgd(self.net2.parameters(), cfg) if self.net2 is not None else None
-        self.encoder = None
+        self.encoder: nn.Module | None = None
+        self.r: torch.Tensor | None = None
+        self.opt_vr: torch.optim.Adam | None = None
         if lfm:
             self.r = torch.full((len(bundle.val),), cfg.r_init, device=device, requires_grad=True)
             vr = [self.r]
             if not shared:
-                self.encoder = SmallEncoder(shape[0], cfg.encoder_dim).to(device)
+                self.encoder = nas_encoder(shape, cfg.encoder_dim, cfg.encoder_model).to(device)
                 vr += list(self.encoder.parameters())
             self.opt_vr = torch.optim.Adam(vr, lr=cfg.vr_lr)
+
+    def _parts(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
+        parts = {"net1": self.net1, "net2": self.net2, "encoder": self.encoder}
+        parts |= {"opt_a": self.opt_a, "opt1": self.opt1, "opt2": self.opt2, "opt_vr": self.opt_vr}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def state_dict(self) -> dict:
+        """Alphas, r, every network and every optimizer state, for checkpoints."""
+        state = {k: v.state_dict() for k, v in self._parts().items()}
+        state["alphas"] = [a.detach() for a in self.alphas]
+        if self.r is not None:
+            state["r"] = self.r.detach()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict`'s output."""
+        with torch.no_grad():
+            pairs = list(zip(self.alphas, state["alphas"], strict=True))
+            if self.r is not None:
+                pairs.append((self.r, state["r"]))
+            for t, saved in pairs:
+                if t.shape != saved.shape:  # copy_ would broadcast a wrong shape silently
+                    raise ValueError(f"shape {tuple(saved.shape)} != {tuple(t.shape)}")
+                t.copy_(saved)
+        for k, v in self._parts().items():
+            v.load_state_dict(state[k])
 
     def set_lr(self, lr: float) -> None:
         for opt in (self.opt1, self.opt2):
@@ -446,6 +478,8 @@ def _search(
     progress: bool,
     progressive: bool,
     lfm: bool,
+    out: Path | str | None = None,
+    resume: bool = True,
 ) -> SearchResult:
     cfg.validate()
     image_input(bundle.input_shape)
@@ -456,27 +490,50 @@ def _search(
     e = num_edges()
     normal_ops = [list(PRIMITIVES)] * e
     reduce_ops = [list(PRIMITIVES)] * e
-    stages = _plan(cfg, progressive)
+    stages = _plan(cfg, progressive)  # a function of cfg, which the identity check covers
     # persistent validation iterator: one stream for the whole search (DARTS's next(valid_queue))
     val_stream = Stream(bundle.val, cfg.batch_size, device=device, seed=cfg.seed + 1)
     history: list[dict] = []
-    t0 = time.time()
+    identity = {"search": asdict(cfg), "data": data_fingerprint(bundle)}
+    ckpt, state = open_checkpoints(out, "search", identity, resume)
     learners: _Learners | None = None
-    for s, stage in enumerate(stages):
-        if learners is not None and stage.num_ops < len(normal_ops[0]):
-            # P-DARTS: drop ops by the previous stage's alphas, then start a fresh supernet
-            normal_ops = drop_ops(learners.alphas[0], normal_ops, stage.num_ops)
-            reduce_ops = drop_ops(learners.alphas[1], reduce_ops, stage.num_ops)
-        learners = _Learners(cfg, bundle, stage, normal_ops, reduce_ops, lfm, device, gen)
-        n_batches = -(-len(bundle.train) // cfg.batch_size)
-        if cfg.steps_per_epoch is not None:
-            n_batches = min(n_batches, cfg.steps_per_epoch)
-        for epoch in range(stage.epochs):
+    first_stage, first_epoch, elapsed = 0, 0, 0.0
+    if state is not None:
+
+        def load() -> None:
+            nonlocal normal_ops, reduce_ops, learners, history, first_stage, first_epoch, elapsed
+            first_stage, first_epoch = int(state["stage"]), int(state["epoch"])
+            normal_ops, reduce_ops = state["normal_ops"], state["reduce_ops"]
+            learners = _Learners(
+                cfg, bundle, stages[first_stage], normal_ops, reduce_ops, lfm, device, gen
+            )
+            learners.load_state_dict(state["learners"])
+            val_stream.load_state_dict(state["val_stream"])
+            history, elapsed = json.loads(state["history"]), float(state["seconds"])
+            # after building the learners, whose initialisation drew from both generators
+            gen.set_state(state["gen"])
+            set_rng_state(state["rng"])
+
+        restore(ckpt, "search", load, progress)
+    t0 = time.time() - elapsed
+    n_batches = -(-len(bundle.train) // cfg.batch_size)
+    if cfg.steps_per_epoch is not None:
+        n_batches = min(n_batches, cfg.steps_per_epoch)
+    for s in range(first_stage, len(stages)):
+        stage = stages[s]
+        if s > first_stage or state is None:  # else the resumed stage's learners are loaded
+            if learners is not None and stage.num_ops < len(normal_ops[0]):
+                # P-DARTS: drop ops by the previous stage's alphas, then start a fresh supernet
+                normal_ops = drop_ops(learners.alphas[0], normal_ops, stage.num_ops)
+                reduce_ops = drop_ops(learners.alphas[1], reduce_ops, stage.num_ops)
+            learners = _Learners(cfg, bundle, stage, normal_ops, reduce_ops, lfm, device, gen)
+        for epoch in range(first_epoch if s == first_stage else 0, stage.epochs):
             learners.set_lr(_cosine_lr(cfg, epoch, stage.epochs))
             # P-DARTS: the skip dropout rate decays linearly to 0 over the stage
             learners.set_skip_dropout(stage.skip_p * (stage.epochs - epoch - 1) / stage.epochs)
             arch = epoch >= stage.warmup
             sums: dict[str, float] = {}
+            bar = progress_bar(progress, n_batches, 0, f"{cfg.method} stage {s} epoch {epoch}")
             for i, b in enumerate(
                 iterate_batches(
                     bundle.train,
@@ -494,6 +551,10 @@ def _search(
                 )
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
             rec = {
                 "stage": s,
                 "layers": stage.layers,
@@ -512,6 +573,21 @@ def _search(
                     f"val_acc {rec['val_acc']:.3f} ({rec['seconds']:.0f}s)",
                     flush=True,
                 )
+            if ckpt is not None:
+                snapshot = {
+                    "identity": json.dumps(identity),
+                    "stage": s,
+                    "epoch": epoch + 1,  # epochs of this stage done
+                    "normal_ops": normal_ops,
+                    "reduce_ops": reduce_ops,
+                    "learners": learners.state_dict(),
+                    "val_stream": val_stream.state_dict(),
+                    "history": json.dumps(history),
+                    "seconds": time.time() - t0,
+                    "gen": gen.get_state(),
+                    "rng": rng_state(),
+                }
+                ckpt.save(snapshot, len(history))
     genotype = derive_genotype(
         *learners.alphas,
         normal_ops,
@@ -527,34 +603,42 @@ SEARCHERS: Registry[SearchResult] = Registry("search method")
 
 @SEARCHERS.register("darts", "DARTS (Liu et al. 2019): one stage, first or second order")
 def search_darts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False
+    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
 ) -> SearchResult:
     """DARTS search."""
-    return _search(bundle, cfg, device, progress, progressive=False, lfm=False)
+    return _search(
+        bundle, cfg, device, progress, progressive=False, lfm=False, out=out, resume=resume
+    )
 
 
 @SEARCHERS.register("pdarts", "P-DARTS (Chen et al. 2019): progressive depth, op dropping")
 def search_pdarts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False
+    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
 ) -> SearchResult:
     """P-DARTS search."""
-    return _search(bundle, cfg, device, progress, progressive=True, lfm=False)
+    return _search(
+        bundle, cfg, device, progress, progressive=True, lfm=False, out=out, resume=resume
+    )
 
 
 @SEARCHERS.register("lfm-darts", "LFM applied to DARTS: alpha shared by learners W1 and W2")
 def search_lfm_darts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False
+    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
 ) -> SearchResult:
     """LFM-DARTS search."""
-    return _search(bundle, cfg, device, progress, progressive=False, lfm=True)
+    return _search(
+        bundle, cfg, device, progress, progressive=False, lfm=True, out=out, resume=resume
+    )
 
 
 @SEARCHERS.register("lfm-pdarts", "LFM applied to P-DARTS")
 def search_lfm_pdarts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False
+    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
 ) -> SearchResult:
     """LFM-PDARTS search."""
-    return _search(bundle, cfg, device, progress, progressive=True, lfm=True)
+    return _search(
+        bundle, cfg, device, progress, progressive=True, lfm=True, out=out, resume=resume
+    )
 
 
 def run_search(
@@ -562,10 +646,17 @@ def run_search(
     cfg: SearchConfig,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    *,
+    out: Path | str | None = None,
+    resume: bool = True,
 ) -> SearchResult:
-    """Search an architecture on `bundle` (train split for weights, val split for alpha)."""
+    """Search an architecture on `bundle` (train split for weights, val split for alpha).
+
+    With `out`, checkpoint each epoch into `out`/checkpoints/search and continue from the
+    newest one there unless `resume` is False.
+    """
     cfg.validate()
-    return SEARCHERS.get(cfg.method)(bundle, cfg, device, progress)
+    return SEARCHERS.get(cfg.method)(bundle, cfg, device, progress, out=out, resume=resume)
 
 
 def config_from_preset(name: str, **overrides) -> SearchConfig:

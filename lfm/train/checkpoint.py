@@ -6,17 +6,22 @@ A checkpoint is a nested dict of tensors, numbers, strings, lists and tuples, so
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lfm.data.types import DataBundle
 from lfm.errors import LFMError
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -159,3 +164,80 @@ class CheckpointDir:
         self.remove_temp_files()  # a killed write leaves only a temp file, never a partial ckpt
         paths = self.paths()
         return safe_load(paths[-1]) if paths else None
+
+
+# ------------------------------------------------ identity checks for runs outside the Trainer
+
+
+def data_fingerprint(bundle: DataBundle) -> dict:
+    """What identifies a data bundle in a checkpoint: name, shapes, sizes and a label hash."""
+    h = hashlib.sha256()
+    for split in (bundle.train, bundle.val, bundle.test):
+        for t in (split.y, split.origin):
+            h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
+    return {
+        "name": bundle.name,
+        "num_classes": bundle.num_classes,
+        "input_shape": list(bundle.input_shape),
+        "sizes": [len(bundle.train), len(bundle.val), len(bundle.test)],
+        "labels": h.hexdigest()[:16],
+    }
+
+
+def open_checkpoints(
+    out: Path | str | None, command: str, identity: dict[str, dict], resume: bool
+) -> tuple[CheckpointDir | None, dict | None]:
+    """The checkpoints of `lfm <command>` under `out`, and the state to resume (None: start).
+
+    `identity` maps a section name (e.g. "search", "data") to the settings that must match for
+    a checkpoint to be continued; a difference is an LFMError naming the field.
+    """
+    if out is None:
+        return None, None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LFMError(f"--out {str(out)!r} is a file, not a folder", "pass a folder path")
+    ckpt = CheckpointDir(out / "checkpoints" / command)
+    state = ckpt.latest() if resume else None
+    if state is None:
+        # starting over: a stale checkpoint with a later epoch would be resumed next time
+        ckpt.clear()
+        return ckpt, None
+    path = ckpt.paths()[-1]
+    try:
+        saved = json.loads(state["identity"])
+    except (KeyError, TypeError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise LFMError(
+            f"checkpoint {path} is not a checkpoint of `lfm {command}`",
+            "delete it, or use a new --out folder",
+        )
+    mine = json.loads(json.dumps(identity))  # tuples -> lists, as the saved copy has them
+    for section, fields in mine.items():
+        then = saved.get(section) or {}
+        for k in sorted(fields.keys() | then.keys()):
+            if fields.get(k) != then.get(k):
+                raise LFMError(
+                    f"the checkpoint in {ckpt.folder} was made with a different {section}.{k} "
+                    f"({then.get(k)!r} then, {fields.get(k)!r} now)",
+                    "run the same command as before to resume, pass --no-resume (API: "
+                    "resume=False) to start over, or use a new --out folder",
+                )
+    return ckpt, state
+
+
+def restore(ckpt: CheckpointDir, command: str, load: Callable[[], Any], progress: bool) -> None:
+    """Run `load` (which reads a checkpoint into the run); a malformed file is an LFMError."""
+    path = ckpt.paths()[-1]
+    try:
+        load()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        # plain data with the right identity, but not what this code writes: tampered
+        raise LFMError(
+            f"checkpoint {path} is not a checkpoint of `lfm {command}` "
+            f"({type(e).__name__}: {str(e)[:120]})",
+            "delete it to start over, or use a new --out folder",
+        ) from None
+    if progress:
+        print(f"[{command}] resuming from {path}", file=sys.stderr, flush=True)

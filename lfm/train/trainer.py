@@ -42,6 +42,7 @@ from lfm.train.checkpoint import (
 )
 from lfm.train.evaluate import evaluate
 from lfm.train.optim import lr_factor_fn
+from lfm.train.progress import progress_bar
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
@@ -311,7 +312,7 @@ class Trainer:
         self._sync_method()
         spe = ctx.steps_per_epoch
         show = cfg.progress and distributed.is_main()
-        bar = _progress(show, ctx.total_steps, ctx.step, f"{self.method.name}")
+        bar = progress_bar(show, ctx.total_steps, ctx.step, f"{self.method.name}")
         while ctx.epoch < cfg.epochs:
             stopping = False
             t0 = time.perf_counter()
@@ -422,22 +423,6 @@ class Trainer:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(self.out / PER_EXAMPLE, buf.getvalue())
-
-
-def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
 
 
 def train(cfg: RunConfig, **kwargs) -> dict:
