@@ -13,12 +13,15 @@ supernet with a small step (1e-6), which checks the implementation, not the appr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lfm.nas.hypergrad import (
+    SameMasks,
     SGDView,
     ce_loss,
     darts_alpha_grad,
@@ -50,13 +53,19 @@ def _smooth(net: nn.Module) -> nn.Module:
     return net
 
 
-def _setup(seed: int = 0, heads: int = 1, smooth: bool = False):
+def _on(masks: SameMasks | None, batch: str):
+    """The reference draws each batch's dropout masks as the method does (or none at all)."""
+    return masks.on(batch) if masks is not None else nullcontext()
+
+
+def _setup(seed: int = 0, heads: int = 1, smooth: bool = False, dropout: float = 0.0):
     torch.manual_seed(seed)
     ops = [[p for p in PRIMITIVES if p != "max_pool_3x3"]] * 14 if smooth else None
     # 3 cells: reduction cells at 1 and 2, so both alpha_normal and alpha_reduce are used
     net = Supernet(4, 3, 3, (1, 8, 8), heads=heads, normal_ops=ops, reduce_ops=ops).double()
     if smooth:
         _smooth(net)
+    net.set_skip_dropout(dropout)  # P-DARTS's dropout after skip-connect (train mode)
     # larger alphas than DARTS's 1e-3 init so the softmax is far from uniform (a stronger test)
     an, ar = (0.5 * t.double() for t in net.new_alphas(scale=1.0))
     w = {k: p.detach().clone() for k, p in net.named_parameters()}
@@ -74,23 +83,36 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------- DARTS
 
 
-def _darts_reference(net, w, alphas, sgd, train, val):
+def _darts_reference(net, w, alphas, sgd, train, val, masks=None):
     """Autograd through w' = w - xi (mu buf + grad + wd w) built with create_graph=True."""
     a = tuple(t.clone().requires_grad_(True) for t in alphas)
     w0 = {k: t.clone().requires_grad_(True) for k, t in w.items()}
-    g = torch.autograd.grad(ce_loss(net, w0, a, *train), list(w0.values()), create_graph=True)
+    with _on(masks, "train"):
+        lt = ce_loss(net, w0, a, *train)
+    g = torch.autograd.grad(lt, list(w0.values()), create_graph=True)
     w1 = virtual_step(w0, dict(zip(w0, g, strict=True)), sgd)
-    return torch.autograd.grad(ce_loss(net, w1, a, *val), a)
+    with _on(masks, "val"):
+        lv = ce_loss(net, w1, a, *val)
+    return torch.autograd.grad(lv, a)
 
 
 @pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol",
-    [("exact", False, 0.01, 1e-6), ("fd", True, 0.01, 1e-3), ("fd", False, 1e-6, 1e-4)],
+    "backend,smooth,fd_scale,tol,dropout",
+    [
+        ("exact", False, 0.01, 1e-6, 0.0),
+        ("fd", True, 0.01, 1e-3, 0.0),
+        ("fd", False, 1e-6, 1e-4, 0.0),
+        # skip dropout: every pass over a batch must draw the same masks, or the central
+        # difference divides mask noise by eps
+        ("exact", False, 0.01, 1e-6, 0.5),
+        ("fd", False, 1e-6, 1e-4, 0.5),
+    ],
 )
-def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, tol):
-    net, w, alphas, sgd, train, val = _setup(smooth=smooth)
-    ref = _darts_reference(net, w, alphas, sgd, train, val)
-    got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, backend, fd_scale).alphas
+def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
+    net, w, alphas, sgd, train, val = _setup(smooth=smooth, dropout=dropout)
+    masks = SameMasks(7)
+    ref = _darts_reference(net, w, alphas, sgd, train, val, masks)
+    got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, backend, fd_scale, masks).alphas
     for g, r in zip(got, ref, strict=True):
         assert _rel(g, r) < tol, (_rel(g, r), backend)
 
@@ -141,7 +163,7 @@ def _encoder() -> nn.Module:
     return batch_stats_only(enc).double()
 
 
-def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val):
+def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, masks=None):
     """Autograd through W1' -> u -> a -> W2' -> L_val, every step built with create_graph."""
     (xt, yt), (xv, yv) = train, val
     a_ = tuple(t.clone().requires_grad_(True) for t in alphas)
@@ -149,36 +171,50 @@ def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val):
     e = {k: t.clone().requires_grad_(True) for k, t in encp.items()}
     w1l = {k: t.clone().requires_grad_(True) for k, t in w1.items()}
     w2l = {k: t.clone().requires_grad_(True) for k, t in w2.items()}
-    g1 = torch.autograd.grad(ce_loss(net, w1l, a_, xt, yt), list(w1l.values()), create_graph=True)
+    with _on(masks, "train"):
+        l1 = ce_loss(net, w1l, a_, xt, yt)
+    g1 = torch.autograd.grad(l1, list(w1l.values()), create_graph=True)
     w1p = virtual_step(w1l, dict(zip(w1l, g1, strict=True)), sgd1)
-    u = ce_loss(net, w1p, a_, xv, yv, reduction="none")
+    with _on(masks, "val"):
+        u = ce_loss(net, w1p, a_, xv, yv, reduction="none")
     emb = torch.func.functional_call(enc, e, (torch.cat([xt, xv]),))
     x = torch.softmax(emb[:4] @ emb[4:].T, dim=1)
     z = (yt[:, None] == yv[None]).double()
     a = torch.sigmoid((x * z * u[None] * rl[None]).sum(1))
-    l2 = (a * ce_loss(net, w2l, a_, xt, yt, reduction="none")).mean()
+    with _on(masks, "train"):
+        l2 = (a * ce_loss(net, w2l, a_, xt, yt, reduction="none")).mean()
     g2 = torch.autograd.grad(l2, list(w2l.values()), create_graph=True)
     w2p = virtual_step(w2l, dict(zip(w2l, g2, strict=True)), sgd2)
-    lv = ce_loss(net, w2p, a_, xv, yv)
+    with _on(masks, "val"):
+        lv = ce_loss(net, w2p, a_, xv, yv)
     keys = list(e)
     gr = torch.autograd.grad(lv, [*a_, rl, *[e[k] for k in keys]])
     return gr[:2], gr[2], dict(zip(keys, gr[3:], strict=True))
 
 
 @pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol", [("exact", False, 0.01, 1e-6), ("fd", True, 0.01, 1e-3)]
+    "backend,smooth,fd_scale,tol,dropout",
+    [
+        ("exact", False, 0.01, 1e-6, 0.0),
+        ("fd", True, 0.01, 1e-3, 0.0),
+        ("exact", False, 0.01, 1e-6, 0.5),
+    ],
 )
-def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol):
-    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth)
+def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
+    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth, dropout=dropout)
+    masks = SameMasks(7)
     w2 = {k: t + 0.05 * torch.randn_like(t) for k, t in w1.items()}
     sgd2 = SGDView(0.03, 0.9, 3e-4, {k: 0.1 * torch.randn_like(t) for k, t in w2.items()})
     r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
     enc = _encoder()
     encp = {k: p.detach().clone() for k, p in enc.named_parameters()}
-    ref_a, ref_r, ref_e = _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val)
-    got = lfm_nas_grad(
-        net, w1, w2, alphas, r, train, val, sgd1, sgd2, enc, encp, backend, fd_scale=fd_scale
+    ref_a, ref_r, ref_e = _lfm_reference(
+        net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, masks
     )
+    got = lfm_nas_grad(
+        net, w1, w2, alphas, r, train, val, sgd1, sgd2, enc, encp, backend,
+        fd_scale=fd_scale, masks=masks,
+    )  # fmt: skip
     for g, ref in zip(got.alphas, ref_a, strict=True):
         assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
     assert _rel(got.r, ref_r) < tol, ("r", _rel(got.r, ref_r))
@@ -187,7 +223,7 @@ def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol):
     assert _rel(ge, re) < tol, ("V", _rel(ge, re))
 
 
-def _lfm_shared_reference(net, w, alphas, r, sgd, train, val):
+def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
     """Autograd through the parameter-sharing unroll (see lfm_nas_grad_shared) with create_graph.
 
     a is a data weight in stage 2: it depends on alpha (through u) but W2's step does not
@@ -201,10 +237,12 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val):
     fc = torch.func.functional_call
     # stage 1 and u, on constant weights (graph to alpha only)
     wc = {k: t.clone().requires_grad_(True) for k, t in w.items()}
-    f_tr, (o1, _) = fc(net, wc, (xt, a_), {"all_heads": True})
+    with _on(masks, "train"):
+        f_tr, (o1, _) = fc(net, wc, (xt, a_), {"all_heads": True})
     gh1 = torch.autograd.grad(F.cross_entropy(o1, yt), [wc[k] for k in k1], create_graph=True)
     h1p = virtual_step({k: wc[k] for k in k1}, dict(zip(k1, gh1, strict=True)), sgd)
-    f_val = fc(net, wc, (xv, a_), {"all_heads": True})[0]
+    with _on(masks, "val"):
+        f_val = fc(net, wc, (xv, a_), {"all_heads": True})[0]
     u = F.cross_entropy(F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv,
                         reduction="none")  # fmt: skip
     x = torch.softmax(f_tr.detach() @ f_val.detach().T, dim=1)
@@ -212,23 +250,34 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val):
     a = torch.sigmoid((x * z * u[None] * rl[None]).sum(1))
     # stage 2 on the body's loss L1 + L2, unrolled with create_graph
     wl = {k: t.clone().requires_grad_(True) for k, t in w.items()}
-    _, (o1, o2) = fc(net, wl, (xt, a_), {"all_heads": True})
+    with _on(masks, "train"):
+        _, (o1, o2) = fc(net, wl, (xt, a_), {"all_heads": True})
     l2 = (a * F.cross_entropy(o2, yt, reduction="none")).mean()
     g = torch.autograd.grad(F.cross_entropy(o1, yt) + l2, [wl[k] for k in ks + k2],
                             create_graph=True)  # fmt: skip
     w2p = virtual_step({k: wl[k] for k in ks + k2}, dict(zip(ks + k2, g, strict=True)), sgd)
-    lv = F.cross_entropy(fc(net, w2p | {k: wl[k] for k in k1}, (xv, a_), {"head": 1}), yv)
+    with _on(masks, "val"):
+        lv = F.cross_entropy(fc(net, w2p | {k: wl[k] for k in k1}, (xv, a_), {"head": 1}), yv)
     gr = torch.autograd.grad(lv, [*a_, rl])
     return gr[:2], gr[2]
 
 
-@pytest.mark.parametrize("backend,smooth,fd_scale,tol", [("exact", False, 0.01, 1e-6),
-                                                         ("fd", True, 0.01, 1e-3)])  # fmt: skip
-def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol):
-    net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth)
+@pytest.mark.parametrize(
+    "backend,smooth,fd_scale,tol,dropout",
+    [
+        ("exact", False, 0.01, 1e-6, 0.0),
+        ("fd", True, 0.01, 1e-3, 0.0),
+        ("exact", False, 0.01, 1e-6, 0.5),
+    ],
+)
+def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
+    net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth, dropout=dropout)
     r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
-    ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val)
-    got = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, backend, fd_scale=fd_scale)
+    masks = SameMasks(7)
+    ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks)
+    got = lfm_nas_grad_shared(
+        net, w, alphas, r, train, val, sgd, backend, fd_scale=fd_scale, masks=masks
+    )
     for g, ref in zip(got.alphas, ref_a, strict=True):
         assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
     assert _rel(got.r, ref_r) < tol, ("r", _rel(got.r, ref_r))

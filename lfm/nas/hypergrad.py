@@ -26,7 +26,8 @@ but add no term. Gradient clipping of the real step is left out of the virtual s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,38 @@ def sgd_view(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> SGDV
 def virtual_step(w: Params, g: Params, sgd: SGDView) -> Params:
     """w' = torch SGD's next iterate from w with gradient g (lfm.engine.virtual.VirtualSGD)."""
     return sgd.virtual().step(w, g, sgd.lr)[0]
+
+
+class SameMasks:
+    """One random stream per batch, so every pass over a batch draws the same dropout masks.
+
+    The unrolled graph is a function of one dropout mask per batch (P-DARTS's skip dropout);
+    passes that evaluate the batch again at other weights (the virtual step, finite
+    differences, recomputation) must draw the masks the first pass drew, or a central
+    difference divides the mask noise by eps.
+    """
+
+    _OFFSET = {"train": 0, "val": 1}
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.seed, self.device = int(seed), torch.device(device)
+
+    @classmethod
+    def draw(cls, device: torch.device | str = "cpu") -> SameMasks:
+        """Masks seeded from the global random stream (which advances by one draw)."""
+        return cls(int(torch.randint(0, 2**62, ())), device)
+
+    @contextmanager
+    def on(self, batch: str) -> Iterator[None]:
+        """Run the block on batch `batch`'s stream ("train" or "val"); the global one is kept."""
+        seed = self.seed + self._OFFSET[batch]
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(seed)
+            yield
 
 
 def flat_norm(v: Sequence[Tensor]) -> Tensor:
@@ -177,26 +210,33 @@ def darts_alpha_grad(
     order: int = 2,
     backend: str = "fd",
     fd_scale: float = 0.01,
+    masks: SameMasks | None = None,
 ) -> DartsGrad:
     """DARTS's architecture gradient: first order (grad_alpha L_val(w)) or second order (eq. 7)."""
     a = tuple(t.detach().requires_grad_(True) for t in alphas)
+    masks = masks or SameMasks.draw(val[0].device)
     if order == 1:
-        lv = ce_loss(net, {k: t.detach() for k, t in w.items()}, a, *val)
+        with masks.on("val"):
+            lv = ce_loss(net, {k: t.detach() for k, t in w.items()}, a, *val)
         return DartsGrad(_grads_or_zeros(lv, a), float(lv.detach()))
     if sgd is None:
         raise LFMError("second-order DARTS needs the weight optimizer's state", "pass sgd=SGDView")
     # virtual step w' = w - xi (mu buf + grad_w L_train(w, alpha) + wd w), no graph kept
     w0 = _detached_leaves(w)
-    g = torch.autograd.grad(
-        ce_loss(net, w0, tuple(t.detach() for t in a), *train), list(w0.values())
-    )
+
+    def train_loss(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
+        with masks.on("train"):
+            return ce_loss(net, ww, bb, *train)
+
+    g = torch.autograd.grad(train_loss(w0, tuple(t.detach() for t in a)), list(w0.values()))
     w1 = _detached_leaves(
         virtual_step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)), sgd)
     )
-    lv = ce_loss(net, w1, a, *val)
+    with masks.on("val"):
+        lv = ce_loss(net, w1, a, *val)
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
-    mixed = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, *train), w, a, v, backend, fd_scale)
+    mixed = mixed_grad(train_loss, w, a, v, backend, fd_scale)
     d = tuple(d - sgd.xi * m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
@@ -250,6 +290,7 @@ def lfm_nas_grad(
     backend: str = "fd",
     similarity: str = "dot",
     fd_scale: float = 0.01,
+    masks: SameMasks | None = None,
 ) -> LFMGrad:
     """One LFM-DARTS hypergradient with separate learners W1, W2 (`full` encoder mode).
 
@@ -268,9 +309,19 @@ def lfm_nas_grad(
     xv, yv = val
     a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
     a_d = tuple(t.detach() for t in alphas)
+    masks = masks or SameMasks.draw(xt.device)
+
+    def train_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
+        with masks.on("train"):
+            return ce_loss(net, ww, bb, xt, yt, reduction=reduction)
+
+    def val_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
+        with masks.on("val"):
+            return ce_loss(net, ww, bb, xv, yv, reduction=reduction)
+
     # stage 1: W1' (no graph: the W1 term is a mixed derivative computed below)
     w1l = _detached_leaves(w1)
-    l1 = ce_loss(net, w1l, a_d, xt, yt)
+    l1 = train_loss(w1l, a_d)
     g1 = dict(zip(w1l, torch.autograd.grad(l1, list(w1l.values())), strict=True))
     w1p = _detached_leaves(virtual_step({k: t.detach() for k, t in w1.items()}, g1, sgd1))
     # stage 2: u on the validation batch at W1', the weights a, and W2'
@@ -278,7 +329,7 @@ def lfm_nas_grad(
     rl = r.detach().requires_grad_(True)
 
     def u_path() -> tuple[Tensor, Tensor]:
-        u = ce_loss(net, w1p, a_, xv, yv, reduction="none")  # (m,), graph to W1' and alpha
+        u = val_loss(w1p, a_, "none")  # (m,), graph to W1' and alpha
         e_tr, e_val = _encode(encoder, encl, xt, xv)
         return _stage2_weights(e_tr, e_val, yt, yv, u, rl, similarity), u  # (n,), (m,)
 
@@ -287,17 +338,17 @@ def lfm_nas_grad(
     with torch.no_grad():
         a, u = u_path()
     w2l = _detached_leaves(w2)
-    l2 = (a.detach() * ce_loss(net, w2l, a_d, xt, yt, reduction="none")).mean()
+    l2 = (a.detach() * train_loss(w2l, a_d, "none")).mean()
     g2 = dict(zip(w2l, torch.autograd.grad(l2, list(w2l.values())), strict=True))
     w2p = _detached_leaves(virtual_step({k: t.detach() for k, t in w2.items()}, g2, sgd2))
     # stage 3: validation loss at W2'
-    lv = ce_loss(net, w2p, a_, xv, yv)
+    lv = val_loss(w2p, a_)
     gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
     d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
 
     # through W2': mixed derivative of L2 w.r.t. (alpha, a) along v2
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
-        return (bb[2] * ce_loss(net, ww, (bb[0], bb[1]), xt, yt, reduction="none")).mean()
+        return (bb[2] * train_loss(ww, (bb[0], bb[1]), "none")).mean()
 
     m2 = mixed_grad(f2, w2, (*a_d, a.detach()), v2, backend, fd_scale)
     d_a = -sgd2.xi * m2[2]  # (n,) dL/da
@@ -313,7 +364,7 @@ def lfm_nas_grad(
     d_enc = dict(zip(enc_keys, back[2 + len(w1p) : -1], strict=True))
     d_r = back[-1]
     # through W1': mixed derivative of L1 w.r.t. alpha along h
-    m1 = mixed_grad(lambda ww, bb: ce_loss(net, ww, bb, xt, yt), w1, a_d, h, backend, fd_scale)
+    m1 = mixed_grad(train_loss, w1, a_d, h, backend, fd_scale)
     d_alpha = tuple(
         d0 - sgd2.xi * m2_ + du - sgd1.xi * m1_
         for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
@@ -347,6 +398,7 @@ def lfm_nas_grad_shared(
     backend: str = "fd",
     similarity: str = "dot",
     fd_scale: float = 0.01,
+    masks: SameMasks | None = None,
 ) -> LFMGrad:
     """LFM-DARTS with parameter sharing (paper Table X): one body S, heads H1 (W1) and H2 (W2).
 
@@ -374,6 +426,11 @@ def lfm_nas_grad_shared(
     rl = r.detach().requires_grad_(True)
     wd = {k: t.detach() for k, t in w.items()}  # passes that differentiate alpha only
     h1 = {k: wd[k] for k in k1}
+    masks = masks or SameMasks.draw(xt.device)
+
+    def body(ww: Params, x: Tensor, a: tuple[Tensor, ...], batch: str, **kw):
+        with masks.on(batch):
+            return functional_call(net, ww, (x, a), kw or {"all_heads": True})
 
     def u_and_a(f_tr: Tensor, f_val: Tensor, r_: Tensor) -> tuple[Tensor, Tensor]:
         """Stage 1 on the heads and the weights a; differentiable in f_tr, f_val and r_."""
@@ -390,10 +447,10 @@ def lfm_nas_grad_shared(
     # pass 1 (values for stage 1 and 2, gradients for the weights): the weights a, and W2's
     # step from the same body pass on the training batch
     wl = _detached_leaves(w)
-    f_tr, (o1, o2) = functional_call(net, wl, (xt, a_d), {"all_heads": True})
+    f_tr, (o1, o2) = body(wl, xt, a_d, "train")
     l1 = F.cross_entropy(o1, yt)
     with torch.no_grad():
-        f_val = functional_call(net, wd, (xv, a_d), {"all_heads": True})[0]
+        f_val = body(wd, xv, a_d, "val")[0]
     with torch.enable_grad():
         a, u = u_and_a(f_tr.detach(), f_val, rl.detach())
     l2 = (a.detach() * F.cross_entropy(o2, yt, reduction="none")).mean()
@@ -404,14 +461,14 @@ def lfm_nas_grad_shared(
     del o1, o2, l2, grads, wl  # let pass 1's graph go before the W2' passes
     w_w2 = {k: wd[k] for k in k_w2}
     w2p = _detached_leaves(virtual_step(w_w2, g2, sgd))
-    lv = F.cross_entropy(functional_call(net, w2p | h1, (xv, a_), {"head": 1}), yv)
+    lv = F.cross_entropy(body(w2p | h1, xv, a_, "val", head=1), yv)
     gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
     d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
     loss_val = float(lv.detach())
     del lv, gr
 
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
-        _, (p1, p2) = functional_call(net, ww | h1, (xt, (bb[0], bb[1])), {"all_heads": True})
+        _, (p1, p2) = body(ww | h1, xt, (bb[0], bb[1]), "train")
         return F.cross_entropy(p1, yt) + (bb[2] * F.cross_entropy(p2, yt, reduction="none")).mean()
 
     m2 = mixed_grad(f2, w_w2, (*a_d, a), v2, backend, fd_scale)
@@ -419,12 +476,12 @@ def lfm_nas_grad_shared(
     # the u term, pass 2a: validation body with a graph to alpha; the training features enter
     # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
     f_trl = f_tr.requires_grad_(True)
-    f_val2 = functional_call(net, wd, (xv, a_), {"all_heads": True})[0]
+    f_val2 = body(wd, xv, a_, "val")[0]
     a2 = u_and_a(f_trl, f_val2, rl)[0]
     back = _grads_or_zeros(a2, [*a_, rl, f_trl], grad_outputs=d_a)
     del f_val2, a2
     # pass 2b: training body with a graph to alpha, back-propagated from the seam
-    f_tr2 = functional_call(net, wd, (xt, a_), {"all_heads": True})[0]
+    f_tr2 = body(wd, xt, a_, "train")[0]
     d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
     d_alpha = tuple(
         d0 - sgd.xi * m + dv + dt
