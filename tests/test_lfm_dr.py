@@ -162,6 +162,21 @@ def test_adam_learners_are_refused():
         m.setup(context(bundle(), optim=OptimConfig("adam", 1e-2)))
 
 
+@pytest.mark.parametrize("cls", [LFMDR, LFMSN])
+def test_fd_backend_refuses_a_model_with_dropout(cls):
+    """fd would difference two passes with different dropout masks: refused, exact is fine."""
+    b = bundle()
+
+    def ctx_with_dropout():
+        ctx = context(b)
+        ctx.new_model = lambda: nn.Sequential(MLP(), nn.Dropout(0.3))
+        return ctx
+
+    with pytest.raises(LFMError, match="dropout"):
+        cls(replace_cfg(backend="fd", encoder="full")).setup(ctx_with_dropout())
+    cls(replace_cfg(backend="exact", encoder="full")).setup(ctx_with_dropout())  # no error
+
+
 def test_state_dict_round_trip_resumes_identically():
     b = bundle()
     cfg = replace_cfg(val_bank=20)

@@ -293,6 +293,19 @@ class _LFMBase(Method):
         self.cfg_given = config if not overrides else replace(config or LFMConfig(), **overrides)
 
     # -- setup ---------------------------------------------------------------------------
+    def _refuse_fd_with_dropout(self, model: nn.Module) -> None:
+        """fd differences two forward passes; active dropout would draw a new mask in each."""
+        if self.cfg.backend != "fd":
+            return
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+            raise LFMError(
+                "the fd hypergradient backend subtracts two forward passes, and the model's "
+                "dropout draws a new mask in each, so the difference would be mask noise "
+                "divided by eps",
+                "use backend=exact (--backend exact or --opt backend=exact), or dropout=0 in "
+                "the model options",
+            )
+
     def _setup_common(self, ctx: Context) -> None:
         self.cfg = self.cfg_given or LFMConfig.from_options(ctx.options)
         self.cfg.validate()
@@ -454,6 +467,7 @@ class LFMDR(_LFMBase):
         self._setup_common(ctx)
         sgd = VirtualSGD.from_config(ctx.optim)
         self.w1 = Learner(ctx.new_model(), copy.deepcopy(sgd))
+        self._refuse_fd_with_dropout(self.w1.module)
         w2_model = ctx.new_model()
         self.shared = self.cfg.encoder == "shared"
         if self.shared:
@@ -566,6 +580,7 @@ class LFMSN(_LFMBase):
                 "use encoder full or head",
             )
         self.w = Learner(ctx.new_model(), VirtualSGD.from_config(ctx.optim))
+        self._refuse_fd_with_dropout(self.w.module)
         self.frozen: Learner | None = None
         self.warmup_steps = int(self.cfg.sn_warmup * ctx.total_steps)
 
