@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,34 @@ def test_search_then_evaluate(digits, tmp_path, method):
 def test_lfm_darts_shared_step_runs(digits):
     res = run_search(digits, _tiny("lfm-darts", encoder="shared", epochs=1, steps_per_epoch=1))
     assert "a_mean" in res.history[-1] and 0 < res.history[-1]["a_mean"] < 1
+
+
+def test_paper_presets_run_on_a_local_cifar_folder(tmp_path, capsys):
+    """`--preset darts-paper` search and evaluation read CIFAR-10 from a folder in its python
+    format; only the size is shrunk by flags (cells, channels, batch, steps), so the rest of
+    the recipe runs as on a GPU: 3x32x32 input, cutout 16, auxiliary head, drop-path."""
+    from test_data_cifar import make_fake_cifar10  # tests/ is on sys.path under pytest
+
+    from lfm.cli.main import main
+
+    make_fake_cifar10(tmp_path / "cifar")
+    data = ["--dataset", "cifar10", "--data-root", str(tmp_path / "cifar"), "--no-progress"]
+    small = ["--set", "steps_per_epoch=1", "--set", "batch_size=8", "--set", "layers=3"]
+    search = ["search", "--preset", "darts-paper", "--layers", "2", "--C", "4", "--epochs", "1"]
+    assert main(search + ["--steps-per-epoch", "1", "--batch-size", "8"] + data
+                + ["--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    evaluate = [
+        "evaluate",
+        "--preset",
+        "darts-paper",
+        "--genotype",
+        str(tmp_path / "s/genotype.json"),
+    ]
+    assert main(evaluate + small + ["--set", "C=4", "--set", "epochs=1"] + data
+                + ["--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "genotype (darts)" in out and (tmp_path / "s" / "genotype.png").is_file()
+    rec = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert rec["config"]["cutout"] == 16 and rec["config"]["auxiliary_weight"] == 0.4
+    assert rec["config"]["drop_path"] == 0.2 and rec["config"]["C"] == 4  # preset + overrides
+    assert 0.0 <= rec["test_acc"] <= 1.0 and rec["genotype"]["normal"]

@@ -87,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"test accuracy (last epoch): {res['test_acc']:.4f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "evaluation.json").write_text(json.dumps(res, indent=1, default=str))
+        record = {"config": cfg.__dict__, "genotype": genotype.to_dict(), **res}
+        (Path(args.out) / "evaluation.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
