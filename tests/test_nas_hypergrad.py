@@ -34,14 +34,7 @@ from lfm.nas.hypergrad import (
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions run faster on one thread, and the 2-core CI box is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth(net: nn.Module) -> nn.Module:

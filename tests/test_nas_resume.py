@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lfm.cli.main import main
-from lfm.data.types import DataBundle, Split
+from lfm.data.types import DataBundle
 from lfm.errors import LFMError
 from lfm.nas import EvalConfig, Genotype, SearchConfig, run_evaluate, run_search
 from lfm.nas import search as search_mod
@@ -26,27 +26,13 @@ class Killed(Exception):
     """Stands for the process dying right after a checkpoint write."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits() -> DataBundle:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    y = torch.tensor(d.target)
-    p = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-
-    def split(idx: torch.Tensor) -> Split:
-        return Split(x[idx], y[idx], idx)
-
-    return DataBundle("digits", 10, (1, 8, 8), split(p[:128]), split(p[128:256]), split(p[1400:]))
+def digits(digits_images) -> DataBundle:
+    """Half of the search data as validation, as the data layer's val_fraction=0.5 gives."""
+    return digits_images(128, 128)
 
 
 def _tiny(method: str, **kw) -> SearchConfig:

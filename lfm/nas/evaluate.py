@@ -153,7 +153,7 @@ def run_evaluate(
             elapsed = float(state["seconds"])
             set_rng_state(state["rng"])  # drop-path masks
 
-        restore(ckpt, "evaluate", load, progress)
+        restore(ckpt, "`lfm evaluate`", load, progress)
     t0 = time.time() - elapsed
     for epoch in range(start, cfg.epochs):
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))  # cosine to 0, per epoch

@@ -514,7 +514,7 @@ def _search(
             gen.set_state(state["gen"])
             set_rng_state(state["rng"])
 
-        restore(ckpt, "search", load, progress)
+        restore(ckpt, "`lfm search`", load, progress)
     t0 = time.time() - elapsed
     n_batches = -(-len(bundle.train) // cfg.batch_size)
     if cfg.steps_per_epoch is not None:

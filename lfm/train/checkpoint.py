@@ -227,17 +227,17 @@ def open_checkpoints(
     return ckpt, state
 
 
-def restore(ckpt: CheckpointDir, command: str, load: Callable[[], Any], progress: bool) -> None:
-    """Run `load` (which reads a checkpoint into the run); a malformed file is an LFMError."""
+def restore(ckpt: CheckpointDir, what: str, load: Callable[[], Any], progress: bool) -> None:
+    """Run `load` (which reads the newest checkpoint into the run); a malformed file is an
+    LFMError saying it is not a checkpoint of `what` (e.g. "`lfm search`")."""
     path = ckpt.paths()[-1]
     try:
         load()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-        # plain data with the right identity, but not what this code writes: tampered
+        # plain data, but not what this code writes: tampered, or another program's file
         raise LFMError(
-            f"checkpoint {path} is not a checkpoint of `lfm {command}` "
-            f"({type(e).__name__}: {str(e)[:120]})",
+            f"checkpoint {path} is not a checkpoint of {what} ({type(e).__name__}: {str(e)[:120]})",
             "delete it to start over, or use a new --out folder",
         ) from None
     if progress:
-        print(f"[{command}] resuming from {path}", file=sys.stderr, flush=True)
+        print(f"lfm: resuming from {path}", file=sys.stderr, flush=True)

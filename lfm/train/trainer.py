@@ -37,6 +37,7 @@ from lfm.train.checkpoint import (
     CheckpointDir,
     atomic_write_bytes,
     remove_temp_files,
+    restore,
     rng_state,
     set_rng_state,
 )
@@ -247,15 +248,7 @@ class Trainer:
         state = self.ckpt.latest()
         if state is None:
             return False
-        try:
-            self.load_state_dict(state)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            # plain data, but not what state_dict() writes: tampered, or another program's file
-            raise LFMError(
-                f"checkpoint {self.ckpt.paths()[-1]} is not a checkpoint of an lfm run "
-                f"({type(e).__name__}: {str(e)[:120]})",
-                "delete it to start over, or use a new --out folder",
-            ) from None
+        restore(self.ckpt, "an lfm run", lambda: self.load_state_dict(state), progress=False)
         return True
 
     # -- the loop ------------------------------------------------------------------------
