@@ -1,4 +1,4 @@
-"""The benchmark runs end to end at a tiny size."""
+"""The benchmarks run end to end at a tiny size."""
 
 from __future__ import annotations
 
@@ -8,35 +8,28 @@ from pathlib import Path
 import torch
 
 
-def test_bench_dr_step_runs_small(capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dr_step.py"
-    spec = importlib.util.spec_from_file_location("bench_dr_step", path)
+def _run(script: str, argv: list[str]) -> list[dict]:
+    """Import benchmarks/<script>.py and run its main(argv), restoring torch's thread count."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(script, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     threads = torch.get_num_threads()
     try:  # one thread: the 2-core CI machine is often shared, and oversubscription is slow
-        rows = mod.main(
-            ["--small", "--batch", "4", "--iters", "1", "--model", "fallback", "--threads", "1"]
-        )
+        return mod.main(argv + ["--threads", "1"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_dr_step_runs_small(capsys):
+    rows = _run("bench_dr_step", ["--small", "--batch", "4", "--iters", "1", "--model", "fallback"])
     assert len(rows) == 7 and all(r["sec"] > 0 for r in rows)
     assert "x CE step" in capsys.readouterr().out
 
 
 def test_bench_nas_step_runs_small(capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nas_step.py"
-    spec = importlib.util.spec_from_file_location("bench_nas_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
-    try:
-        rows = mod.main(
-            ["--layers", "2", "--C", "4", "--batch", "4", "--size", "8", "--steps", "1"]
-            + ["--threads", "1"]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["--layers", "2", "--C", "4", "--batch", "4", "--size", "8", "--steps", "1"]
+    rows = _run("bench_nas_step", argv)
     assert [r["method"] for r in rows][1] == "darts-2nd" and rows[1]["x_time"] == 1.0
     assert len(rows) == 4 and all(r["sec"] > 0 and r["mib"] > 0 for r in rows)
     assert "x DARTS-2nd" in capsys.readouterr().out
