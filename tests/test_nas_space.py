@@ -12,6 +12,7 @@ from lfm.nas import (
     GENOTYPES,
     PDARTS,
     PRIMITIVES,
+    EvalConfig,
     Genotype,
     NetworkCIFAR,
     NetworkImageNet,
@@ -175,3 +176,14 @@ def test_search_config_validation_names_field():
         SearchConfig(method="enas").validate()
     with pytest.raises(LFMError, match="stage_ops"):
         SearchConfig(stage_ops=(8, 9, 3)).validate()
+    with pytest.raises(LFMError, match="warmup_epochs"):  # P-DARTS: warm-up must leave epochs
+        SearchConfig(method="pdarts", epochs=1, warmup_epochs=1).validate()
+    SearchConfig(method="darts", epochs=1, warmup_epochs=1).validate()  # DARTS has no warm-up
+
+
+def test_eval_config_and_genotype_errors_name_a_fix(tmp_path):
+    with pytest.raises(LFMError, match="evaluate.layers.*Fix: use a positive integer"):
+        EvalConfig(layers=0).validate()
+    (tmp_path / "junk.json").write_text("junk{")
+    with pytest.raises(LFMError, match="not JSON.*Fix: pass a genotype.json"):
+        Genotype.load(tmp_path / "junk.json")

@@ -61,14 +61,23 @@ class EvalConfig:
         """Raise LFMError naming the first bad field."""
         for name in ("layers", "C", "epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise LFMError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
+                raise LFMError(
+                    f"evaluate.{name} must be >= 1, got {getattr(self, name)}",
+                    "use a positive integer (paper: 20 cells, C 36, 600 epochs, batch 96)",
+                )
         if self.C % 2:
             raise LFMError(f"evaluate.C must be even, got {self.C}", "use e.g. 36")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise LFMError(f"evaluate.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+            raise LFMError(
+                f"evaluate.steps_per_epoch must be >= 1, got {self.steps_per_epoch}",
+                "use None (one full pass) or a positive integer",
+            )
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise LFMError(f"evaluate.{name} must be > 0, got {getattr(self, name)}")
+                raise LFMError(
+                    f"evaluate.{name} must be > 0, got {getattr(self, name)}",
+                    "use a positive number (DARTS: lr 0.025, grad_clip 5)",
+                )
         if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.auxiliary_weight < 0:
             raise LFMError(
                 "evaluate.momentum must be in [0, 1), weight_decay and auxiliary_weight >= 0",
@@ -77,7 +86,9 @@ class EvalConfig:
         if self.cutout < 0:
             raise LFMError(f"evaluate.cutout must be >= 0, got {self.cutout}", "use 16 or 0")
         if not 0 <= self.drop_path < 1:
-            raise LFMError(f"evaluate.drop_path must be in [0, 1), got {self.drop_path}")
+            raise LFMError(
+                f"evaluate.drop_path must be in [0, 1), got {self.drop_path}", "use 0.2 or 0"
+            )
         if self.train_on not in ("train+val", "train"):
             raise LFMError(
                 f"evaluate.train_on {self.train_on!r} is unknown", "use train+val or train"

@@ -125,7 +125,10 @@ class Genotype:
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise LFMError(f"genotype file {str(path)!r} is not JSON ({e})") from e
+            raise LFMError(
+                f"genotype file {str(path)!r} is not JSON ({e})",
+                "pass a genotype.json written by lfm search, or DARTS_V1, DARTS_V2, PDARTS",
+            ) from e
         return cls.from_dict(d)
 
     def count(self, op: str, cell: str = "normal") -> int:

@@ -148,8 +148,13 @@ class SearchConfig:
             raise bad("stage_ops", self.stage_ops, "keep >= 2 candidates in the last stage")
         if any(not 0 <= p < 1 for p in self.skip_dropout):
             raise bad("skip_dropout", self.skip_dropout, "use rates in [0, 1)")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise bad("warmup_epochs", self.warmup_epochs, "use a value in [0, epochs)")
+        progressive = self.method.endswith("pdarts")  # DARTS has no warm-up epochs
+        if self.warmup_epochs < 0 or (progressive and self.warmup_epochs >= self.epochs):
+            raise bad(
+                "warmup_epochs",
+                self.warmup_epochs,
+                f"use a value in [0, epochs = {self.epochs}), e.g. --set warmup_epochs=0",
+            )
         if self.max_skip is not None and self.max_skip < 0:
             raise bad("max_skip", self.max_skip, "use None or a value >= 0 (P-DARTS: 2)")
         if self.encoder not in ENCODERS:
