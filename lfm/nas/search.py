@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -606,44 +607,23 @@ def _search(
 SEARCHERS: Registry[SearchResult] = Registry("search method")
 
 
-@SEARCHERS.register("darts", "DARTS (Liu et al. 2019): one stage, first or second order")
-def search_darts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
-) -> SearchResult:
-    """DARTS search."""
-    return _search(
-        bundle, cfg, device, progress, progressive=False, lfm=False, out=out, resume=resume
-    )
+def _searcher(progressive: bool, lfm: bool) -> Callable[..., SearchResult]:
+    def search(
+        bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
+    ) -> SearchResult:
+        return _search(bundle, cfg, device, progress, progressive, lfm, out, resume)
+
+    return search
 
 
-@SEARCHERS.register("pdarts", "P-DARTS (Chen et al. 2019): progressive depth, op dropping")
-def search_pdarts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
-) -> SearchResult:
-    """P-DARTS search."""
-    return _search(
-        bundle, cfg, device, progress, progressive=True, lfm=False, out=out, resume=resume
-    )
-
-
-@SEARCHERS.register("lfm-darts", "LFM applied to DARTS: alpha shared by learners W1 and W2")
-def search_lfm_darts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
-) -> SearchResult:
-    """LFM-DARTS search."""
-    return _search(
-        bundle, cfg, device, progress, progressive=False, lfm=True, out=out, resume=resume
-    )
-
-
-@SEARCHERS.register("lfm-pdarts", "LFM applied to P-DARTS")
-def search_lfm_pdarts(
-    bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
-) -> SearchResult:
-    """LFM-PDARTS search."""
-    return _search(
-        bundle, cfg, device, progress, progressive=True, lfm=True, out=out, resume=resume
-    )
+# DARTS is a P-DARTS with one stage; LFM adds the second learner (module docstring)
+for _name, _help, _progressive, _lfm in (
+    ("darts", "DARTS (Liu et al. 2019): one stage, first or second order", False, False),
+    ("pdarts", "P-DARTS (Chen et al. 2019): progressive depth, op dropping", True, False),
+    ("lfm-darts", "LFM applied to DARTS: alpha shared by learners W1 and W2", False, True),
+    ("lfm-pdarts", "LFM applied to P-DARTS", True, True),
+):
+    SEARCHERS.register(_name, _help)(_searcher(_progressive, _lfm))
 
 
 def run_search(
