@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lfm.data.types import DataBundle, Split, Stream, iterate_batches  # noqa: E402
 from lfm.methods.base import Context  # noqa: E402
 from lfm.methods.lfm_dr import LFMDR, LFMConfig  # noqa: E402
+from lfm.train.memory import PeakRSS  # noqa: E402
 from lfm.train.optim import OptimConfig, make_optimizer  # noqa: E402
 
 ROWS = [  # (label, LFMConfig overrides) ; None = plain CE
@@ -73,21 +74,6 @@ def _model_factory(name: str, shape, device):
                 return self.head(self.body(x))
 
         return lambda: Fallback().to(device), "fallback-cnn"
-
-
-def _peak_reset() -> float | None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status("VmRSS")
-    except OSError:
-        return None
-
-
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # MiB
-    raise OSError(key)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -157,12 +143,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             step = method.step
         batches = list(iterate_batches(bundle.train, batch, device=device, shuffle=False))
         step(batches[0], ctx)  # warm-up (also fills the head encoder's cache for batch 0)
+        rss = PeakRSS()
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            base = _peak_reset()
+            rss.start()
         t, c = time.perf_counter(), time.process_time()
         for i in range(iters):
             ctx.step = i + 1
@@ -174,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device.type == "cuda":
             mem = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            mem = None if base is None else _status("VmHWM") - base
+            mem = rss.growth()
         results.append({"row": label, "sec": sec, "cpu_sec": cpu, "mem_mib": mem})
         del step
     ce = next((r["sec"] for r in results if r["row"] == "plain CE step"), None)

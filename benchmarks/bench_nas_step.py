@@ -7,7 +7,8 @@ One process, the same CIFAR-shaped random batches for every method; for time the
 turns step by step (median over steps). Peak memory, one method at a time: on CUDA,
 torch.cuda.max_memory_allocated; on CPU, the peak bytes held by autograd's saved tensors
 (the activations a step keeps for backward, which is what grows with unrolling), measured with
-saved-tensor hooks (not available with --hvp exact on a CPU: torch.func refuses the hooks).
+saved-tensor hooks; with --hvp exact on a CPU (torch.func refuses those hooks), the growth of
+the process's peak resident set (lfm.train.memory.PeakRSS), which counts allocator caching too.
 The issue's targets: LFM-DARTS <= 2x DARTS 2nd order in time without parameter sharing,
 <= 1.2x with sharing, memory <= 1.5x.
 """
@@ -22,6 +23,7 @@ import torch
 
 from lfm.data.types import DataBundle, Split
 from lfm.nas.search import SearchConfig, _Learners, _Stage
+from lfm.train.memory import PeakRSS
 
 
 class _SavedBytes:
@@ -106,26 +108,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    # memory: one method at a time, so nothing else is resident (one warm-up step first)
-    mems = {}
-    for name, kw in METHODS.items():
-        ln = learners(kw)
-        ln.step(*xs[0], arch=True)
-        meter = _SavedBytes()
-        sync()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        if dev.type == "cuda":
-            ln.step(*xs[1], arch=True)
-            sync()
-            mems[name] = torch.cuda.max_memory_allocated()
-        elif args.hvp == "exact":
-            mems[name] = float("nan")  # torch.func refuses saved-tensor hooks: no CPU meter
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-                ln.step(*xs[1], arch=True)
-            mems[name] = meter.peak
-        del ln
     # time: the methods take turns step by step, so a change in the machine's load during the
     # run hits every method alike (the ratios are what we report)
     lns = {name: learners(kw) for name, kw in METHODS.items()}
@@ -138,6 +120,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sync()
             if s > 0:  # the first step pays for allocation and lazy init
                 times[name].append(time.perf_counter() - t0)
+    del lns
+    # memory: one method at a time, so nothing else is resident (one warm-up step first)
+    mems = {}
+    for name, kw in METHODS.items():
+        ln = learners(kw)
+        ln.step(*xs[0], arch=True)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            ln.step(*xs[1], arch=True)
+            sync()
+            mems[name] = torch.cuda.max_memory_allocated()
+        elif args.hvp == "exact":  # torch.func refuses saved-tensor hooks: resident set
+            rss = PeakRSS()
+            rss.start()
+            ln.step(*xs[1], arch=True)
+            growth = rss.growth()
+            mems[name] = float("nan") if growth is None else growth * 2**20
+        else:
+            meter = _SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+                ln.step(*xs[1], arch=True)
+            mems[name] = meter.peak
+        del ln
     rows = [(name, statistics.median(times[name]), mems[name] / 2**20) for name in METHODS]
     base_t = dict((r[0], r[1]) for r in rows)["darts-2nd"]
     base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
@@ -145,13 +151,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"\ndevice {dev}, {args.layers} cells, C={args.C}, batch {args.batch}, "
         f"{args.size}x{args.size}, hvp={args.hvp}, threads {torch.get_num_threads()}"
     )
-    mem_kind = "peak CUDA MiB" if dev.type == "cuda" else "peak saved-for-backward MiB"
+    mem_kind = (
+        "peak CUDA MiB"
+        if dev.type == "cuda"
+        else "peak RSS growth MiB"
+        if args.hvp == "exact"
+        else "peak saved-for-backward MiB"
+    )
     print(f"\n| method | s / step | x DARTS-2nd | {mem_kind} | x DARTS-2nd |")
     print("|---|---|---|---|---|")
     for name, t, m in rows:
-        print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m:.1f} | {m / base_m:.2f} |")
+        xm = f"{m / base_m:.2f}" if base_m > 0 else "n/a"
+        print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m:.1f} | {xm} |")
     return [
-        {"method": n, "sec": t, "x_time": t / base_t, "mib": m, "x_mem": m / base_m}
+        {
+            "method": n,
+            "sec": t,
+            "x_time": t / base_t,
+            "mib": m,
+            "x_mem": m / base_m if base_m else None,
+        }
         for n, t, m in rows
     ]
 
