@@ -81,13 +81,14 @@ def batchnorm_batch_stats(model: nn.Module) -> Iterator[nn.Module]:
             m.track_running_stats = s
 
 
-def image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
+def image_shape(
+    input_shape: Sequence[int],
+    model: str,
+    fix: str = "use 'mlp' for flat vectors or 'cnn1d' for 1-D signals, "
+    "or reshape the data to (channels, height, width)",
+) -> tuple[int, int, int]:
     """Check that `input_shape` is (C, H, W) and return it; otherwise an LFMError naming the fix."""
     shape = tuple(input_shape)
     if len(shape) != 3:
-        raise LFMError(
-            f"model {model!r} needs images shaped (C, H, W) but input_shape is {shape}",
-            "use 'mlp' for flat vectors or 'cnn1d' for 1-D signals, "
-            "or reshape the data to (channels, height, width)",
-        )
+        raise LFMError(f"{model} needs images shaped (C, H, W) but input_shape is {shape}", fix)
     return shape  # type: ignore[return-value]

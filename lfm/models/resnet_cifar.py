@@ -85,7 +85,7 @@ def resnet_cifar(num_classes: int, input_shape: tuple[int, ...], depth: int) -> 
     """A CIFAR ResNet of depth 6n + 2 (20, 32, 44, 56, 110, ...)."""
     if depth < 8 or (depth - 2) % 6:
         raise LFMError(f"CIFAR ResNet depth must be 6n + 2 (e.g. 20, 32, 56), got {depth}")
-    c, _, _ = image_shape(input_shape, f"resnet{depth}")
+    c, _, _ = image_shape(input_shape, f"model 'resnet{depth}'")
     body = ResNetCifarBody(c, (depth - 2) // 6)
     model = Classifier(body, body.out_dim, num_classes, input_shape)
     init_weights(model)

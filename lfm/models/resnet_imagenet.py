@@ -147,7 +147,7 @@ def resnet_imagenet(
     weights: str | Path | None = None,
 ) -> Classifier:
     """ImageNet-style ResNet-`depth`; loads a local torchvision state dict when `weights` is set."""
-    c, h, w = image_shape(input_shape, f"resnet{depth}")
+    c, h, w = image_shape(input_shape, f"model 'resnet{depth}'")
     if small_input is None:
         small_input = min(h, w) <= 64
     block, layers = _SPECS[depth]

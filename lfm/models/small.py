@@ -51,7 +51,7 @@ def mlp(
 @MODELS.register("cnn", "small 2-D CNN: conv 32 -> conv 64 -> adaptive pool, 128 features")
 def cnn(num_classes: int, input_shape: tuple[int, ...]) -> Classifier:
     """Small 2-D CNN for (C, H, W) inputs of any size, 8x8 upwards."""
-    c, _, _ = image_shape(input_shape, "cnn")
+    c, _, _ = image_shape(input_shape, "model 'cnn'")
     body = nn.Sequential(
         nn.Conv2d(c, 32, 3, padding=1),  # (B, C, H, W) -> (B, 32, H, W)
         nn.ReLU(inplace=False),

@@ -45,7 +45,7 @@ def vgg_body(in_channels: int, cfg: tuple[int | str, ...]) -> nn.Sequential:
 @MODELS.register("vgg19_bn", "VGG-19 with BatchNorm, global pool and one linear layer (20.0M)")
 def vgg19_bn(num_classes: int, input_shape: tuple[int, ...]) -> Classifier:
     """VGG-19-BN for images of any size (features, adaptive pool to 1x1, linear head)."""
-    c, _, _ = image_shape(input_shape, "vgg19_bn")
+    c, _, _ = image_shape(input_shape, "model 'vgg19_bn'")
     model = Classifier(vgg_body(c, CFG_19), 512, num_classes, input_shape)
     init_weights(model)
     return model

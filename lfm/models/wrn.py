@@ -89,7 +89,7 @@ def wrn(
         raise LFMError(f"Wide ResNet width must be a positive integer, got {width}")
     if not 0.0 <= dropout < 1.0:
         raise LFMError(f"dropout must be in [0, 1), got {dropout}")
-    c, _, _ = image_shape(input_shape, "wrn")
+    c, _, _ = image_shape(input_shape, "model 'wrn'")
     body = WideResNetBody(c, depth, width, dropout)
     model = Classifier(body, body.out_dim, num_classes, input_shape)
     init_weights(model)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.errors import LFMError
+from lfm.models.base import image_shape
 from lfm.nas.genotypes import STEPS, num_edges
 from lfm.nas.ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op
 
@@ -120,14 +121,12 @@ def reduction_layers(layers: int) -> tuple[int, int]:
 
 def image_input(input_shape: Sequence[int]) -> tuple[int, int, int]:
     """Check that examples are images (C, H, W); 1-D signals get an LFMError naming the fix."""
-    shape = tuple(input_shape)
-    if len(shape) != 3:
-        raise LFMError(
-            f"the DARTS search space needs images shaped (C, H, W), got input_shape {shape}",
-            "reshape signals to (C, 1, L) (e.g. MNIST-1D (40,) -> (1, 1, 40)) in the data "
-            "layer's prepare function, or use a data set of images",
-        )
-    return shape  # type: ignore[return-value]
+    return image_shape(
+        input_shape,
+        "the DARTS search space",
+        "reshape signals to (C, 1, L) (e.g. MNIST-1D (40,) -> (1, 1, 40)) in the data "
+        "layer's prepare function, or use a data set of images",
+    )
 
 
 class Supernet(nn.Module):
