@@ -66,6 +66,7 @@ def loss_fd(
     with torch.autocast(device_type=dev, enabled=False):
         lp = losses(module, {k: p[k] + eps * d[k] for k in p}, buffers, xx, y)
         lm = losses(module, {k: p[k] - eps * d[k] for k in p}, buffers, xx, y)
+    # mutant fd-difference-sign: `(lp - lm)` -> `(lm - lp)` | engine_hypergrad
     return (lp - lm) / (2 * eps)
 
 

@@ -170,6 +170,7 @@ def learn(
     leaf = leaves(p1)
     l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
     w = part.local(b_weights(b.detach(), opts.b_mode))  # (n,), normalised over the global batch
+    # mutant w1-ignores-b: `w * l1` -> `l1` | engine_hypergrad behaviour:mislabelled
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
     g1 = dict(zip(leaf, grads, strict=True))
@@ -228,6 +229,7 @@ def relearn(
     p2 = w2.params()
     leaf = leaves(p2)
     l2 = losses(w2.module, leaf, w2.buffers(), x2_tr, y_tr, update_stats=True)  # real pass
+    # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | engine_hypergrad behaviour:mislabelled
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
     g2 = dict(zip(leaf, grads, strict=True))
@@ -274,6 +276,7 @@ def validate(
     g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
 
     # dL/da_i = -xi2/n * g_val . grad l_i(W2)
+    # mutant da-sign: `-s2.xi2 / n` -> `s2.xi2 / n` | engine_hypergrad behaviour:b_r_and_v
     dL_da = -s2.xi2 / n * hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, g_val)  # (n,)
 
     through_u = s1 is not None and b is not None and opts.b_path in _THROUGH_U
@@ -282,6 +285,8 @@ def validate(
     own_val = through_u and opts.b_path in ("w2+w1val", "w1val")
     own_val_here = own_val and (not part.split or distributed.is_main())
     if own_val_here and opts.b_path == "w2+w1val":
+        # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(s2.u).mean()` -> ``
+        #   | engine_hypergrad behaviour:b_r_and_v
         objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
     if opts.b_path == "w1val" and through_u:
@@ -337,6 +342,7 @@ def validate(
             }
         logs["hg_h"] = norm(h)
         # dL/dw_i = -xi1/n * h . grad l_i(W1)
+        # mutant dw-sign: `-s1.xi1 / n` -> `s1.xi1 / n` | engine_hypergrad behaviour:b_r_and_v
         dL_dw = -s1.xi1 / n * hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h)  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         bl = b.detach().requires_grad_(True)
@@ -420,5 +426,7 @@ def check_finite(res: IterResult, step: int) -> None:
 def commit(w1: Learner | None, w2: Learner, res: IterResult) -> None:
     """Make W1' and W2' the learners' weights (the real SGD updates), with momentum buffers."""
     if w1 is not None and res.s1 is not None:
+        # mutant w1-real-step-skipped: drop | lfm_dr:short_runs behaviour:resumed
         w1.sgd.commit(w1.module, res.s1.p1_new, res.s1.m1_new)
+    # mutant w2-real-step-skipped: drop | lfm_dr:short_runs behaviour:resumed
     w2.sgd.commit(w2.module, res.s2.p2_new, res.s2.m2_new)

@@ -63,6 +63,8 @@ class VirtualSGD:
 
     def xi(self, lr: float, clip_coef: float = 1.0) -> float:
         """-d p' / d g: the scalar the hypergradient of an unrolled step is multiplied by."""
+        # mutant xi-ignores-nesterov: `((1.0 + self.momentum) if self.nesterov else 1.0)` -> `1.0`
+        #   | engine_virtual
         return lr * clip_coef * ((1.0 + self.momentum) if self.nesterov else 1.0)
 
     def step(
@@ -74,9 +76,12 @@ class VirtualSGD:
         for k, p in params.items():
             d = grads[k] * clip_coef if clip_coef != 1.0 else grads[k]
             if self.weight_decay:
+                # mutant sgd-wd-sign: `d + self.weight_decay` -> `d - self.weight_decay`
+                #   | engine_virtual
                 d = d + self.weight_decay * p
             if self.momentum > 0:
                 old = None if self.buffers is None else self.buffers.get(k)
+                # mutant sgd-momentum-dropped: `self.momentum * old + d` -> `d` | engine_virtual
                 m = d if old is None else self.momentum * old + d
                 new_m[k] = m  # type: ignore[index]
                 d = d + self.momentum * m if self.nesterov else m
@@ -140,8 +145,12 @@ class EntryOptimizer:
         v = self.v[idx].mul_(b2).addcmul_(g, g, value=1 - b2)  # type: ignore[index]
         t = self.t[idx] + 1  # type: ignore[index]
         self.m[idx], self.v[idx], self.t[idx] = m, v, t  # type: ignore[index]
+        # mutant entry-adam-no-bias-correction: `m / (1 - b1**t)` -> `m`
+        #   | engine_virtual behaviour:b_r_and_v
         mhat = m / (1 - b1**t)
         vhat = v / (1 - b2**t)
+        # mutant entry-adam-sign: `vec[idx] -=` -> `vec[idx] +=`
+        #   | engine_virtual behaviour:b_r_and_v
         vec[idx] -= (self.lr * mhat / (vhat.sqrt() + self.eps)).to(vec.dtype)
 
     def state_dict(self) -> dict[str, Any]:

@@ -422,10 +422,14 @@ class _LFMBase(Method):
         self.bank = new
 
     def _stage3_updates(self, res, idx: Tensor | None, r_idx: Tensor, v_params) -> None:
+        # mutant r-step-sign: `res.grad_r.detach()` -> `-res.grad_r.detach()` | behaviour:b_r_and_v
+        # mutant r-step-dropped: drop | behaviour:b_r_and_v
         self.r_opt.step(self.r, r_idx, res.grad_r.detach())
         if self.V is not None:
             for p, g in zip(v_params, res.grad_v, strict=True):
+                # mutant v-grad-sign: `else g.detach()` -> `else -g.detach()` | behaviour:b_r_and_v
                 p.grad = None if g is None else g.detach()
+            # mutant v-step-dropped: drop | behaviour:b_r_and_v
             self.v_opt.step()
             self.v_opt.zero_grad(set_to_none=True)
 
@@ -521,6 +525,9 @@ class LFMDR(_LFMBase):
         check_finite(res, ctx.step)
         commit(self.w1, self.w2, res)
         if res.grad_b is not None:  # the global batch's gradient, the same on every rank
+            # mutant b-step-sign: `res.grad_b.detach()` -> `-res.grad_b.detach()`
+            #   | behaviour:b_r_and_v
+            # mutant b-step-dropped: drop | behaviour:b_r_and_v
             self.b_opt.step(self.b, whole, res.grad_b.detach())
             if self.cfg.b_mode != "sigmoid":
                 self.b[whole] = self.b[whole].clamp_min(0.0)
@@ -562,6 +569,7 @@ class LFMDR(_LFMBase):
         self.w1.sgd.load_state_dict(state["sgd1"])
         self.w2.sgd.load_state_dict(state["sgd2"])
         self.b.copy_(state["b"])
+        # mutant lfm-resume-loses-b-moments: drop | lfm_dr:round_trip behaviour:resumed
         self.b_opt.load_state_dict(state["b_opt"])
         self._load_common(state)
 

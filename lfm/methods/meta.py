@@ -232,6 +232,8 @@ def l2rw_eps_grad(
     zeros = {k: torch.zeros_like(v) for k, v in params.items()}
     p_virtual, _ = opt.step(params, zeros, lr)
     v, _ = clean_loss_grad(model, p_virtual, buffers, xv, yv)
+    # mutant l2rw-eps-sign: `-opt.xi(lr)` -> `opt.xi(lr)`
+    #   | meta_methods:l2rw_eps_grad behaviour:mislabelled
     return -opt.xi(lr) * loss_alignment(model, params, buffers, x, y, v)
 
 
@@ -245,6 +247,8 @@ def l2rw_weights(eps_grad: Tensor, part: Part | None = None) -> Tensor:
     >>> l2rw_weights(torch.tensor([-1.0, 1.0, -3.0]))
     tensor([0.2500, 0.0000, 0.7500])
     """
+    # mutant l2rw-rule-sign: `-eps_grad` -> `eps_grad`
+    #   | meta_methods:weights_rule behaviour:mislabelled
     w = torch.clamp(-eps_grad, min=0)
     total = w.sum()
     if part is not None and part.split:
@@ -281,6 +285,7 @@ def mwnet_reduce(weights: Tensor, normalize: bool, part: Part | None = None) -> 
     total = weights.sum()
     if split:
         total = distributed.differentiable_sum(total)
+    # mutant mwnet-normalise-by-size: `weights / total` -> `weights / len(weights)` | meta_methods
     return weights / total if total.detach() != 0 else weights
 
 
@@ -394,6 +399,7 @@ class _OneLearnerMeta(Method):
             )
         g = _grads(loss, q, part=part)
         new_p, new_m = self.real.step(p, g, lr, self.real.clip_coef(g))
+        # mutant meta-real-step-skipped: drop | behaviour:resumed meta_methods
         self.real.commit(self.model, new_p, new_m)
         return l.detach(), coef
 
@@ -424,6 +430,7 @@ class _OneLearnerMeta(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
         self.model.load_state_dict(state["model"])
+        # mutant meta-resume-loses-momentum: drop | behaviour:resumed
         self.real.load_state_dict(state["opt"])
         self.last_weight = state["last_weight"]
         hist = state.get("history")
@@ -516,7 +523,10 @@ class MetaWeightNet(_OneLearnerMeta):
         )
         self.wopt.zero_grad(set_to_none=True)
         for k, p in self.wnet.named_parameters():
+            # mutant mwnet-meta-grad-sign: `grads[k].to(p.dtype)` -> `-grads[k].to(p.dtype)`
+            #   | behaviour:mwnet
             p.grad = grads[k].to(p.dtype)
+        # mutant mwnet-meta-step-dropped: drop | behaviour:mwnet
         self.wopt.step()
         raw: list[Tensor] = []
 
@@ -528,7 +538,7 @@ class MetaWeightNet(_OneLearnerMeta):
         l, _ = self._real_step(x, batch.y, coef_fn, lr, part)
         w = raw[0]
         whole = batch.idx if batch.whole is None else batch.whole
-        self.last_weight[whole.cpu()] = part.gather(w).float().cpu()
+        self.last_weight[whole.cpu()] = part.gather(w).cpu().to(self.last_weight.dtype)
         return {
             "loss": float(l.mean()),
             "meta_loss": float(meta_loss),

@@ -59,6 +59,8 @@ def keep_smallest(loss: torch.Tensor, rho: float) -> torch.Tensor:
     """
     k = max(1, math.ceil((1.0 - rho) * len(loss) - 1e-9))
     mask = torch.zeros_like(loss, dtype=torch.bool)
+    # mutant small-loss-keeps-largest: `largest=False` -> `largest=True`
+    #   | meta_methods:small_loss behaviour:mislabelled
     mask[torch.topk(loss, k, largest=False).indices] = True
     return mask
 

@@ -188,6 +188,7 @@ def mixed_grad(
             if gp is None:
                 out.append(torch.zeros_like(t))
             else:
+                # mutant nas-fd-difference-sign: `(gp - gm)` -> `(gm - gp)` | nas_hypergrad
                 out.append((gp - gm) / (2 * eps))
         return tuple(out)
     raise LFMError(f"hypergradient backend {backend!r} is unknown", f"use one of {HVP_BACKENDS}")
@@ -238,6 +239,8 @@ def darts_alpha_grad(
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
     mixed = mixed_grad(train_loss, w, a, v, backend, fd_scale)
+    # mutant darts-mixed-term-sign: `d - sgd.xi * m` -> `d + sgd.xi * m`
+    #   | nas_hypergrad:darts_second
     d = tuple(d - sgd.xi * m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
@@ -367,6 +370,9 @@ def lfm_nas_grad(
     # through W1': mixed derivative of L1 w.r.t. alpha along h
     m1 = mixed_grad(train_loss, w1, a_d, h, backend, fd_scale)
     d_alpha = tuple(
+        # mutant lfm-darts-w1-term-sign: `- sgd1.xi * m1_` -> `+ sgd1.xi * m1_`
+        #   | nas_hypergrad:lfm_darts_matches
+        # mutant lfm-darts-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
         d0 - sgd2.xi * m2_ + du - sgd1.xi * m1_
         for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
     )
@@ -485,6 +491,7 @@ def lfm_nas_grad_shared(
     f_tr2 = body(wd, xt, a_, "train")[0]
     d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
     d_alpha = tuple(
+        # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> `` | nas_hypergrad:shared
         d0 - sgd.xi * m + dv + dt
         for d0, m, dv, dt in zip(d_direct, m2[:2], back[:2], d_tr, strict=True)
     )

@@ -232,6 +232,7 @@ def drop_ops(alpha: torch.Tensor, edge_ops: list[list[str]], keep: int) -> list[
     """
     out = []
     for e, ops in enumerate(edge_ops):
+        # mutant pdarts-drop-reversed: `descending=True` -> `descending=False` | nas_space:drop_ops
         order = torch.argsort(alpha[e].detach().cpu(), descending=True, stable=True)[:keep]
         kept = sorted(order.tolist())
         if all(ops[k] == "none" for k in kept):  # never leave an edge with only `none`
@@ -350,6 +351,7 @@ class _Learners:
         nn.utils.clip_grad_norm_(
             [p for p in named.values() if p.grad is not None], self.cfg.grad_clip
         )
+        # mutant search-real-step-skipped: drop | behaviour:search_step
         opt.step()
 
     def _weights_only(self, xt, yt) -> dict:
@@ -398,7 +400,10 @@ class _Learners:
             )
             self.opt_a.zero_grad(set_to_none=True)
             for p, gr in zip(self.alphas, g.alphas, strict=True):
+                # mutant darts-alpha-grad-sign: `gr.detach()` -> `-gr.detach()`
+                #   | behaviour:search_step
                 p.grad = gr.detach()
+            # mutant darts-alpha-step-dropped: drop | behaviour:search_step
             self.opt_a.step()
             stats = self._weights_only(xt, yt)
             stats["val_loss"] = g.loss_val
@@ -440,13 +445,20 @@ class _Learners:
             self._real_step(self.net1, self.opt1, g.g1)
             self._real_step(self.net2, self.opt2, g.g2)
             for k, p in enc.items():
+                # mutant lfm-darts-v-grad-sign: `g.encoder[k].detach()` -> `-g.encoder[k].detach()`
+                #   | behaviour:search_step
                 p.grad = g.encoder[k].detach()
         # stage 3: alpha, V and r from the validation loss at W2'
         self.opt_a.zero_grad(set_to_none=True)
         for p, gr in zip(self.alphas, g.alphas, strict=True):
+            # mutant lfm-darts-alpha-grad-sign: `gr.detach()` -> `-gr.detach()`
+            #   | behaviour:search_step
             p.grad = gr.detach()
+        # mutant lfm-darts-alpha-step-dropped: drop | behaviour:search_step
         self.opt_a.step()
+        # mutant lfm-darts-r-grad-sign: `g.r.detach()` -> `-g.r.detach()` | behaviour:search_step
         self.r.grad = torch.zeros_like(self.r).index_put_((val_idx,), g.r.detach())
+        # mutant lfm-darts-vr-step-dropped: drop | behaviour:search_step
         self.opt_vr.step()
         self.opt_vr.zero_grad(set_to_none=True)
         return {
@@ -513,6 +525,7 @@ def _search(
             learners = _Learners(
                 cfg, bundle, stages[first_stage], normal_ops, reduce_ops, lfm, device, gen
             )
+            # mutant search-resume-loses-learners: drop | nas_resume
             learners.load_state_dict(state["learners"])
             val_stream.load_state_dict(state["val_stream"])
             history, elapsed = json.loads(state["history"]), float(state["seconds"])

@@ -228,6 +228,7 @@ class Trainer:
                 f"{self.cfg.epochs} epochs asked for",
                 "pass the same --epochs as before (or more), or use a new --out folder",
             )
+        # mutant trainer-resume-skips-method: drop | train:resumes kill_resume
         self.method.load_state_dict(state["method"])
         self.ctx.step, self.ctx.epoch = int(state["step"]), int(state["epoch"])
         self.ctx.val_stream.load_state_dict(state["val_stream"])
