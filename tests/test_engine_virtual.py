@@ -83,3 +83,26 @@ def test_entry_optimizer_moves_only_batch_entries():
         opt.step(v, torch.tensor([2, 5, 2]), torch.tensor([1.0, -1.0, 1.0]))
         assert v[2] < 1 and v[5] > 1
         assert torch.all(v[[0, 1, 3, 4, 6, 7, 8, 9]] == 1)
+
+
+def test_entry_adam_is_torch_adam_on_each_entry_it_sees():
+    """Lazy per-entry Adam: an entry in every batch follows torch.optim.Adam exactly (moments,
+    bias correction); an entry seen on k steps follows Adam over those k gradients alone."""
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    v = torch.zeros(4, dtype=torch.float64)
+    opt = EntryOptimizer(4, "adam", lr=0.1)
+    ref = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    torch_adam = torch.optim.Adam([ref], lr=0.1)
+    alone = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # entry 3, every 2nd step
+    alone_adam = torch.optim.Adam([alone], lr=0.1)
+    for t in range(6):
+        idx = torch.tensor([0, 1, 2, 3]) if t % 2 == 0 else torch.tensor([0, 1, 2])
+        opt.step(v, idx, grads[t, idx])
+        ref.grad = grads[t].clone()
+        torch_adam.step()
+        if t % 2 == 0:
+            alone.grad = grads[t, 3:].clone()
+            alone_adam.step()
+    torch.testing.assert_close(v[:3], ref.detach()[:3], rtol=1e-4, atol=1e-6)  # moments kept in fp32
+    torch.testing.assert_close(v[3:], alone.detach(), rtol=1e-4, atol=1e-6)  # moments kept in fp32

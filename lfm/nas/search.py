@@ -375,6 +375,7 @@ class _Learners:
         for net, opt in ((self.net1, self.opt1), (self.net2, self.opt2)):
             if opt is not None:
                 nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+                # mutant darts-weight-step-skipped: drop | behaviour:search_step
                 opt.step()
         stats["train_loss"] = float(F.cross_entropy(logits, yt).detach())
         stats["train_acc"] = float((logits.argmax(1) == yt).float().mean())
