@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from lfm.engine.functional import params_of
 from lfm.engine.trilevel import IterOptions, Learner, iteration
-from lfm.engine.virtual import VirtualSGD
+from lfm.engine.virtual import VirtualAdam, VirtualSGD
 from lfm.reweight.encoder import FullEncoder, HeadEncoder
 from lfm.reweight.function import attention, b_weights, label_match, reweight
 
@@ -65,6 +65,16 @@ def make_sgd(kind, model, seed):
         s = VirtualSGD(0.9, 5e-2, nesterov=True)
     elif kind == "clip":
         s = VirtualSGD(0.9, 0.0, grad_clip=0.05)
+    elif kind in ("adam", "adamw-clip"):
+        s = VirtualAdam((0.8, 0.99), 1e-8, 5e-2, decoupled=kind != "adam")
+        s.grad_clip = 0.05 if kind == "adamw-clip" else None
+        if seed % 2 == 0:  # a later step: moments and a step count already exist
+            g = torch.Generator().manual_seed(seed + 7)
+            ps = params_of(model)
+            s.t = 4
+            s.exp_avg = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in ps.items()}
+            s.exp_avg_sq = {k: 0.01 * torch.rand(v.shape, generator=g) for k, v in ps.items()}
+        return s
     else:
         raise ValueError(kind)
     if s.momentum > 0 and seed % 2 == 0:  # a later step: momentum buffers already exist
@@ -146,6 +156,10 @@ CASES = {
     "momentum-wd-first-step": dict(sgd="momentum-wd", seed=1),
     "nesterov-wd": dict(sgd="nesterov-wd"),
     "clip": dict(sgd="clip"),
+    "adam": dict(sgd="adam"),
+    "adam-first-step": dict(sgd="adam", seed=1),
+    "adamw-clip": dict(sgd="adamw-clip"),
+    "adam-w1-val": dict(sgd="adam", opts=dict(b_path="w2+w1val", w1_val_weight=0.7)),
     "batchnorm": dict(sgd="momentum-wd", bn=True),
     "batchnorm-encoder": dict(bn=True, vbn=True),
     "cosine": dict(opts=dict(similarity="cosine")),

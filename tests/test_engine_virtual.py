@@ -1,4 +1,5 @@
-"""The virtual step equals torch.optim.SGD's real step, over several iterations."""
+"""The virtual step equals torch.optim.SGD / Adam / AdamW's real step, over several iterations,
+and mirrors a user's own optimizer (settings and state, read and written back)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import torch
 from torch import nn
 
 from lfm.engine.functional import params_of
-from lfm.engine.virtual import EntryOptimizer, VirtualSGD
+from lfm.engine.virtual import (
+    EntryOptimizer,
+    VirtualAdam,
+    VirtualSGD,
+    read_state,
+    virtual_from_torch,
+    write_back,
+)
 from lfm.errors import LFMError
 from lfm.train.optim import OptimConfig
 
@@ -71,9 +79,130 @@ def test_xi_is_minus_the_derivative_of_the_step():
         torch.testing.assert_close(d, torch.full_like(d, -sgd.xi(0.3)))
 
 
-def test_adam_learner_is_a_clear_error():
-    with pytest.raises(LFMError, match="SGD"):
-        VirtualSGD.from_config(OptimConfig(optimizer="adam"))
+def _batch(g: torch.Generator):
+    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (16,), generator=g
+    )
+
+
+@pytest.mark.parametrize(
+    "kind,wd,clip",
+    [("adam", 0.0, None), ("adam", 1e-2, None), ("adamw", 1e-2, None), ("adamw", 0.0, 0.1)],
+)
+def test_virtual_adam_equals_torch_adam(kind, wd, clip):
+    """Six steps under an lr schedule: parameters and both moments match torch's to 1e-12."""
+    real, virt = net(), net()
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    opt = cls(real.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd)
+    adam = VirtualAdam((0.8, 0.99), 1e-6, wd, decoupled=kind == "adamw", grad_clip=clip)
+    g = torch.Generator().manual_seed(1)
+    for it in range(6):
+        x, y = _batch(g)
+        lr = 1e-2 * (0.8**it)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        nn.functional.cross_entropy(real(x), y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(real.parameters(), clip)
+        opt.step()
+        p = {k: v.detach().clone().requires_grad_() for k, v in virt.named_parameters()}
+        loss = nn.functional.cross_entropy(torch.func.functional_call(virt, p, (x,)), y)
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
+        new_p, state = adam.step(params_of(virt), grads, lr, adam.clip_coef(grads))
+        adam.commit(virt, new_p, state)
+        for (k, a), b in zip(real.named_parameters(), virt.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{k} at step {it}")
+        for prm, (k, _) in zip(real.parameters(), virt.named_parameters(), strict=True):
+            torch.testing.assert_close(opt.state[prm]["exp_avg_sq"], adam.exp_avg_sq[k])
+    assert adam.t == 6
+
+
+def test_adam_pullback_is_the_transposed_jacobian_of_the_step():
+    """(dp'/dg)^T v from `pullback` equals autograd through `step`, at a later step."""
+    adam = VirtualAdam(weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    adam.t = 3
+    adam.exp_avg = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    adam.exp_avg_sq = {"w": torch.rand(5, generator=gen, dtype=torch.float64)}
+    g = {"w": torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)}
+    v = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    new, _ = adam.step(p, g, 0.05, 0.7)
+    (ref,) = torch.autograd.grad((new["w"] * v["w"]).sum(), g["w"])
+    torch.testing.assert_close(adam.pullback(p, g, 0.05, 0.7, v)["w"], ref)
+    sgd = VirtualSGD(0.9, 1e-2, nesterov=True)
+    torch.testing.assert_close(sgd.pullback(p, g, 0.3, 0.5, v)["w"], -sgd.xi(0.3, 0.5) * v["w"])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_virtual_from_torch_reads_and_writes_the_users_optimizer(kind):
+    """Two real steps of the user's optimizer, then the virtual twin read from it takes the
+    third: equal to the real third step; write_back leaves the state torch's step leaves."""
+    real, virt = net(), net()
+    virt.load_state_dict(real.state_dict())
+    make = {
+        "sgd": lambda ps: torch.optim.SGD(
+            ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+        ),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    }[kind]
+    opt_r, opt_v = make(real.parameters()), make(virt.parameters())
+    g = torch.Generator().manual_seed(3)
+    batches = [_batch(g) for _ in range(3)]
+    for i, (x, y) in enumerate(batches):
+        opt_r.zero_grad()
+        nn.functional.cross_entropy(real(x), y).backward()
+        opt_r.step()
+        if i < 2:  # the user's own loop for the first two steps
+            opt_v.zero_grad()
+            nn.functional.cross_entropy(virt(x), y).backward()
+            opt_v.step()
+    vo = virtual_from_torch(opt_v, virt)
+    x, y = batches[2]
+    p = {k: v.detach().clone().requires_grad_() for k, v in virt.named_parameters()}
+    loss = nn.functional.cross_entropy(torch.func.functional_call(virt, p, (x,)), y)
+    grads = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
+    new_p, state = vo.step(params_of(virt), grads, opt_v.param_groups[0]["lr"])
+    vo.commit(virt, new_p, state)
+    write_back(vo, opt_v, virt)
+    for a, b in zip(real.parameters(), virt.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(real.parameters(), virt.parameters(), strict=True):
+        for key, val in opt_r.state[a].items():
+            torch.testing.assert_close(
+                torch.as_tensor(opt_v.state[b][key]).double(), torch.as_tensor(val).double()
+            )
+    read_state(vo, opt_v, virt)  # reading back what was written changes nothing
+    if kind == "sgd":
+        assert vo.buffers is not None
+    else:
+        assert vo.t == 3
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda ps: torch.optim.LBFGS(ps), "LBFGS is not supported"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1), "dampening"),
+        (lambda ps: torch.optim.Adam(ps, amsgrad=True), "amsgrad"),
+        (lambda ps: torch.optim.Adagrad(ps), "Adagrad is not supported"),
+        (
+            lambda ps: torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "lr": 1}], lr=0.1),
+            "2 parameter groups",
+        ),
+    ],
+)
+def test_an_optimizer_the_virtual_step_cannot_mirror_is_a_clear_error(make, needle):
+    model = net()
+    with pytest.raises(LFMError, match=needle) as e:
+        virtual_from_torch(make(list(model.parameters())), model)
+    assert "torch.optim.SGD" in str(e.value) and "AdamW" in str(e.value)  # names what works
+
+
+def test_config_adam_has_a_virtual_twin():
+    assert isinstance(VirtualSGD.from_config(OptimConfig(optimizer="adam")), VirtualAdam)
 
 
 def test_entry_optimizer_moves_only_batch_entries():
@@ -104,5 +233,7 @@ def test_entry_adam_is_torch_adam_on_each_entry_it_sees():
         if t % 2 == 0:
             alone.grad = grads[t, 3:].clone()
             alone_adam.step()
-    torch.testing.assert_close(v[:3], ref.detach()[:3], rtol=1e-4, atol=1e-6)  # moments kept in fp32
+    torch.testing.assert_close(
+        v[:3], ref.detach()[:3], rtol=1e-4, atol=1e-6
+    )  # moments kept in fp32
     torch.testing.assert_close(v[3:], alone.detach(), rtol=1e-4, atol=1e-6)  # moments kept in fp32

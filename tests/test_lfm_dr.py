@@ -156,10 +156,17 @@ def test_validate_names_the_bad_field(field, value):
         LFMConfig.from_options({"b_learning_rate": 1})
 
 
-def test_adam_learners_are_refused():
+def test_adam_learners_unroll_adam():
+    """With Adam learners, the learners' virtual steps are Adam's, and W2 still learns."""
+    from lfm.engine.virtual import VirtualAdam
+
+    b = bundle()
+    ctx = context(b, optim=OptimConfig("adam", 1e-2, weight_decay=0.0))
     m = LFMDR()
-    with pytest.raises(LFMError, match="SGD"):
-        m.setup(context(bundle(), optim=OptimConfig("adam", 1e-2)))
+    m.setup(ctx)
+    assert isinstance(m.w1.opt, VirtualAdam) and isinstance(m.w2.opt, VirtualAdam)
+    train(m, ctx, 40)
+    assert m.w2.opt.t == 40 and accuracy(m.models()["W2"], b.test) > 0.85
 
 
 @pytest.mark.parametrize("cls", [LFMDR, LFMSN])

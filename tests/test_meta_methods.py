@@ -10,7 +10,7 @@ from torch import nn
 from lfm.config import RunConfig
 from lfm.data.config import DataConfig
 from lfm.engine.functional import buffers_of, leaves, losses, params_of
-from lfm.engine.virtual import VirtualSGD
+from lfm.engine.virtual import VirtualAdam, VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods import METHODS
 from lfm.methods.meta import (
@@ -44,7 +44,20 @@ def _data():
     return x, y, xv, yv
 
 
-def _opt(model: nn.Module, momentum: float, wd: float, nesterov: bool, warm: bool) -> VirtualSGD:
+def _opt(model: nn.Module, momentum, wd: float, nesterov: bool, warm: bool):
+    if momentum == "adam":  # Adam, first step or a later one with moments
+        adam = VirtualAdam((0.8, 0.99), weight_decay=wd)
+        if warm:
+            g = torch.Generator().manual_seed(2)
+            ps = params_of(model)
+            adam.t = 3
+            adam.exp_avg = {
+                k: 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in ps.items()
+            }
+            adam.exp_avg_sq = {
+                k: 0.01 * torch.rand(v.shape, generator=g, dtype=v.dtype) for k, v in ps.items()
+            }
+        return adam
     opt = VirtualSGD(momentum, wd, nesterov)
     if warm and momentum > 0:  # a later step: momentum buffers already hold something
         g = torch.Generator().manual_seed(2)
@@ -65,6 +78,8 @@ OPTIMS = [
     (0.9, 5e-4, False, False),  # first momentum step
     (0.9, 5e-4, False, True),  # later momentum step
     (0.9, 5e-4, True, True),  # nesterov
+    ("adam", 1e-2, False, False),  # Adam, first step
+    ("adam", 1e-2, False, True),  # Adam, a later step
 ]
 
 
@@ -185,7 +200,21 @@ def test_unknown_option_is_an_error():
         Trainer(_cfg("small-loss", rho=1.5))
     with pytest.raises(LFMError, match="virtual"):
         Trainer(_cfg("mwnet", virtual="adam"))
-    cfg = _cfg("l2rw")
-    cfg.optim.optimizer = "adam"
-    with pytest.raises(LFMError, match="SGD"):
-        Trainer(cfg)
+
+
+@pytest.mark.parametrize("method", ["l2rw", "mwnet", "lfm"])
+def test_meta_methods_train_with_adam_learners(method):
+    """Adam learners (the virtual step is Adam's): 3 epochs on clean digits reach about the
+    validation accuracy measured for each (l2rw 0.85, mwnet 0.89, lfm W1 0.91 / W2 0.91, of 100
+    validation images; required 0.75, where an untrained net has about 0.1)."""
+    cfg = RunConfig(
+        method=method,
+        data=DataConfig("digits", imbalance=1),
+        epochs=3,
+        progress=False,
+        out=None,
+    )
+    cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay = "adam", 1e-2, 0.0
+    results = Trainer(cfg).run()
+    accs = {k: v["val_acc"] for k, v in results["last"].items()}
+    assert all(a > 0.75 for a in accs.values()), accs

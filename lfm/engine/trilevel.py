@@ -9,15 +9,16 @@
 
 The same training batch is used in stages 1 and 2 (Algorithm 1 samples two; one batch halves
 the data cost and makes a_i and w(b_i) weigh the same examples). step1 / step2 are the learners'
-real SGD updates (`VirtualSGD`), so W1' and W2' *are* the next W1 and W2.
+real optimizer updates (`VirtualSGD`, `VirtualAdam`), so W1' and W2' *are* the next W1 and W2.
 
-Hypergradients (n = training batch size, xi = lr * d step / d grad, see `virtual.py`):
+Hypergradients (n = training batch size; J = d step / d grad, see `virtual.py`: for SGD
+J^T v = -xi v, for Adam a diagonal pull-back):
 
     g2        = grad L_val(W2')
-    dL/da_i   = -xi2/n * g2 . grad l_i(W2)            one jvp (exact) or two forwards (fd)
+    dL/da_i   = 1/n * (J2^T g2) . grad l_i(W2)        one jvp (exact) or two forwards (fd)
     dL/dV, dL/dr, dL/dW1'  = backward through a(x(V), r, u(W1'))   (one backward)
     h         = dL/dW1'
-    dL/dw_i   = -xi1/n * h . grad l_i(W1)             one jvp (exact) or two forwards (fd)
+    dL/dw_i   = 1/n * (J1^T h) . grad l_i(W1)         one jvp (exact) or two forwards (fd)
     dL/db     = (dw/db)^T dL/dw                        (tiny autograd through w(b))
 
 Where h comes from is the *b path*, the one place the variants differ:
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 
 from lfm.engine.functional import Params, buffers_of, leaves, losses, norm, params_of
 from lfm.engine.hypergrad import directional
-from lfm.engine.virtual import VirtualSGD
+from lfm.engine.virtual import VirtualOptimizer
 from lfm.errors import LFMError
 from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
@@ -64,10 +65,10 @@ _THROUGH_U = ("w2", "w2+w1val", "w1val")  # b paths that need u's graph back to 
 
 @dataclass
 class Learner:
-    """A learner as the engine sees it: a module and its virtual (= real) SGD."""
+    """A learner as the engine sees it: a module and its virtual (= real) optimizer step."""
 
     module: nn.Module
-    sgd: VirtualSGD
+    opt: VirtualOptimizer
 
     def params(self) -> Params:
         """Current trainable parameters (detached, shared storage)."""
@@ -103,7 +104,7 @@ class Stage1:
     p1_new: Params  # W1'
     m1_new: Params | None  # momentum buffers after the step
     g1: Params  # grad L1 at W1
-    xi1: float
+    pull1: Callable[[Params], Params]  # v -> (dW1'/dg1)^T v
     l1: Tensor  # (n,) per-example losses at W1
     w: Tensor  # (n,) w(b)
     L1: Tensor
@@ -119,7 +120,7 @@ class Stage2:
     p2: Params  # W2 before the step
     p2_new: Params  # W2'
     m2_new: Params | None
-    xi2: float
+    pull2: Callable[[Params], Params]  # v -> (dW2'/dg2)^T v
     x2_tr: Tensor  # W2's input on the training batch (x, or shared-body features)
     x2_val: Tensor
     l2: Tensor  # (n,)
@@ -142,6 +143,13 @@ class IterResult:
 def _wide(t: Tensor) -> Tensor:
     """`t` in fp32 if it is half precision (fp64 stays fp64)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _pullback(
+    opt: VirtualOptimizer, p: Params, g: Params, lr: float, c: float
+) -> Callable[[Params], Params]:
+    """v -> (d step(p, g) / d g)^T v at this step's point (the clip coefficient held fixed)."""
+    return lambda v: opt.pullback(p, g, lr, c, v)
 
 
 def _summed(grads: tuple[Tensor, ...], loss: Tensor, part: Part) -> tuple[list[Tensor], Tensor]:
@@ -174,9 +182,10 @@ def learn(
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
     g1 = dict(zip(leaf, grads, strict=True))
-    c = w1.sgd.clip_coef(g1)
-    p1_new, m1_new = w1.sgd.step(p1, g1, lr, c)
-    return Stage1(p1, p1_new, m1_new, g1, w1.sgd.xi(lr, c), l1.detach(), w, L1.detach())
+    c = w1.opt.clip_coef(g1)
+    p1_new, m1_new = w1.opt.step(p1, g1, lr, c)
+    pull = _pullback(w1.opt, p1, g1, lr, c)
+    return Stage1(p1, p1_new, m1_new, g1, pull, l1.detach(), w, L1.detach())
 
 
 def relearn(
@@ -233,8 +242,8 @@ def relearn(
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
     g2 = dict(zip(leaf, grads, strict=True))
-    c = w2.sgd.clip_coef(g2)
-    p2_new, m2_new = w2.sgd.step(p2, g2, lr, c)
+    c = w2.opt.clip_coef(g2)
+    p2_new, m2_new = w2.opt.step(p2, g2, lr, c)
     return Stage2(
         p1_leaf,
         u,
@@ -242,7 +251,7 @@ def relearn(
         p2,
         p2_new,
         m2_new,
-        w2.sgd.xi(lr, c),
+        _pullback(w2.opt, p2, g2, lr, c),
         x2_tr,
         x2_val,
         l2.detach(),
@@ -275,9 +284,9 @@ def validate(
     L_val = losses(w2.module, p2n, w2.buffers(), s2.x2_val, y_val).mean()  # virtual pass
     g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
 
-    # dL/da_i = -xi2/n * g_val . grad l_i(W2)
-    # mutant da-sign: `-s2.xi2 / n` -> `s2.xi2 / n` | engine_hypergrad behaviour:b_r_and_v
-    dL_da = -s2.xi2 / n * hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, g_val)  # (n,)
+    # dL/da_i = 1/n * (J2^T g_val) . grad l_i(W2)
+    # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+    dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n  # (n,)
 
     through_u = s1 is not None and b is not None and opts.b_path in _THROUGH_U
     objective = (_wide(s2.a) * _wide(dL_da)).sum()
@@ -341,9 +350,9 @@ def validate(
                 for k, g in zip(s2.p1_leaf, grads[len(v_params) + 1 :], strict=True)
             }
         logs["hg_h"] = norm(h)
-        # dL/dw_i = -xi1/n * h . grad l_i(W1)
-        # mutant dw-sign: `-s1.xi1 / n` -> `s1.xi1 / n` | engine_hypergrad behaviour:b_r_and_v
-        dL_dw = -s1.xi1 / n * hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h)  # (n,)
+        # dL/dw_i = 1/n * (J1^T h) . grad l_i(W1)
+        # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+        dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         bl = b.detach().requires_grad_(True)
         (grad_b,) = torch.autograd.grad(b_weights(bl, opts.b_mode), bl, dL_dw.to(bl.dtype))
@@ -427,6 +436,6 @@ def commit(w1: Learner | None, w2: Learner, res: IterResult) -> None:
     """Make W1' and W2' the learners' weights (the real SGD updates), with momentum buffers."""
     if w1 is not None and res.s1 is not None:
         # mutant w1-real-step-skipped: drop | lfm_dr:short_runs behaviour:resumed
-        w1.sgd.commit(w1.module, res.s1.p1_new, res.s1.m1_new)
+        w1.opt.commit(w1.module, res.s1.p1_new, res.s1.m1_new)
     # mutant w2-real-step-skipped: drop | lfm_dr:short_runs behaviour:resumed
-    w2.sgd.commit(w2.module, res.s2.p2_new, res.s2.m2_new)
+    w2.opt.commit(w2.module, res.s2.p2_new, res.s2.m2_new)

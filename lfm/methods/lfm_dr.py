@@ -554,8 +554,8 @@ class LFMDR(_LFMBase):
             {
                 "W1": self.w1.module.state_dict(),
                 "W2": self.w2.module.state_dict(),
-                "sgd1": self.w1.sgd.state_dict(),
-                "sgd2": self.w2.sgd.state_dict(),
+                "sgd1": self.w1.opt.state_dict(),
+                "sgd2": self.w2.opt.state_dict(),
                 "b": self.b,
                 "b_opt": self.b_opt.state_dict(),
             }
@@ -566,8 +566,8 @@ class LFMDR(_LFMBase):
         """Restore what `state_dict` returned (after `setup` with the same config)."""
         self.w1.module.load_state_dict(state["W1"])
         self.w2.module.load_state_dict(state["W2"])
-        self.w1.sgd.load_state_dict(state["sgd1"])
-        self.w2.sgd.load_state_dict(state["sgd2"])
+        self.w1.opt.load_state_dict(state["sgd1"])
+        self.w2.opt.load_state_dict(state["sgd2"])
         self.b.copy_(state["b"])
         # mutant lfm-resume-loses-b-moments: drop | lfm_dr:round_trip behaviour:resumed
         self.b_opt.load_state_dict(state["b_opt"])
@@ -605,7 +605,7 @@ class LFMSN(_LFMBase):
                 raise LFMError(
                     f"stage 1 (learn) loss became NaN or inf at step {ctx.step}", "lower --lr"
                 )
-            self.w.sgd.commit(self.w.module, s1.p1_new, s1.m1_new)
+            self.w.opt.commit(self.w.module, s1.p1_new, s1.m1_new)
             return {"L1": float(s1.L1)}
         if self.frozen is None:
             self.frozen = Learner(copy.deepcopy(self.w.module), VirtualSGD())
@@ -657,7 +657,7 @@ class LFMSN(_LFMBase):
         st.update(
             {
                 "W": self.w.module.state_dict(),
-                "sgd": self.w.sgd.state_dict(),
+                "sgd": self.w.opt.state_dict(),
                 "frozen": None if self.frozen is None else self.frozen.module.state_dict(),
             }
         )
@@ -666,7 +666,7 @@ class LFMSN(_LFMBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (after `setup` with the same config)."""
         self.w.module.load_state_dict(state["W"])
-        self.w.sgd.load_state_dict(state["sgd"])
+        self.w.opt.load_state_dict(state["sgd"])
         if state["frozen"] is not None:
             self.frozen = Learner(copy.deepcopy(self.w.module), VirtualSGD())
             self.frozen.module.load_state_dict(state["frozen"])

@@ -15,11 +15,12 @@ method (same data, model, schedule, evaluation).
 
 Exact and cheap meta-gradients
 ------------------------------
-The virtual step is p' = step(p, g) with g = sum_i w_i grad l_i(p), and d p' / d w_i = -xi * grad
-l_i(p) for every SGD variant here (momentum and weight decay only move the point p'; see
-`lfm.engine.virtual`). So, with v = grad L_val(p'),
+The virtual step is p' = step(p, g) with g = sum_i w_i grad l_i(p), so d p' / d w_i =
+J grad l_i(p) with J = d step / d g (-xi * I for every SGD variant, where momentum and weight
+decay only move the point p'; diagonal for Adam; see `lfm.engine.virtual`). With v = grad
+L_val(p'),
 
-    d L_val / d w_i = -xi * <v, grad l_i(p)> = -xi * (J_l(p) v)_i,
+    d L_val / d w_i = <J^T v, grad l_i(p)> = (J_l(p) J^T v)_i       (SGD: -xi * (J_l(p) v)_i),
 
 one forward-mode Jacobian-vector product of the per-example loss vector along v, instead of a
 double backward through ``autograd.grad(create_graph=True)``. The tests check both forms against
@@ -39,8 +40,9 @@ What the published code does (and what we do)
   in both the virtual and the real step; the current ``MW-Net.py`` instead averages
   (``sum(cost * w) / len(cost)``). ``normalize=true`` (default) is the former, ``false`` the latter.
 - The clean batch is drawn with training augmentation (as MW-Net's meta loader does).
-- The classifier's optimizer must be SGD (the published protocols all use it): the real update is
-  `VirtualSGD`, the same function the virtual step uses, so the two cannot disagree.
+- The classifier's optimizer is SGD in the published protocols; Adam works too. The real update
+  is the virtual optimizer's own step (`VirtualSGD` / `VirtualAdam`), the same function the
+  virtual step uses, so the two cannot disagree.
 
 Data parallel (torchrun): each rank holds its part of the global batch and the same clean batch;
 gradients of sums over training examples are summed over ranks, and the weights are normalised
@@ -59,7 +61,7 @@ from torch import Tensor, nn
 from lfm.data.types import Batch
 from lfm.engine.functional import Params, buffers_of, leaves, losses, params_of
 from lfm.engine.hypergrad import loss_jvp
-from lfm.engine.virtual import VirtualSGD
+from lfm.engine.virtual import VirtualOptimizer, VirtualSGD, virtual_from_config
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.models.base import batchnorm_batch_stats
@@ -102,7 +104,7 @@ def method_options(name: str, given: dict[str, Any], defaults: dict[str, Any]) -
     return {**defaults, **given}
 
 
-def _virtual_opt(real: VirtualSGD, kind: str, name: str) -> VirtualSGD:
+def _virtual_opt(real: VirtualOptimizer, kind: str, name: str) -> VirtualOptimizer:
     """The optimizer the virtual step uses: the real one, or plain SGD as the releases do."""
     if kind not in VIRTUAL_STEPS:
         raise LFMError(
@@ -195,14 +197,14 @@ def l2rw_eps_grad(
     y: Tensor,
     xv: Tensor,
     yv: Tensor,
-    opt: VirtualSGD,
+    opt: VirtualOptimizer,
     lr: float,
 ) -> Tensor:
     """L2RW's per-example meta-gradient d L_val(p'(eps)) / d eps at eps = 0.
 
     p'(eps) = opt.step(p, grad_p sum_i eps_i l_i(p), lr). At eps = 0 the gradient term vanishes,
     so p' is the momentum / weight-decay part of the step alone, and the answer is
-    -xi * <grad L_val(p'), grad l_i(p)> (module docstring).
+    <J^T grad L_val(p'), grad l_i(p)>, J = d step / d g (-xi * I for SGD; module docstring).
 
     Parameters
     ----------
@@ -214,7 +216,7 @@ def l2rw_eps_grad(
         Training batch (model input) and its given labels.
     xv, yv : Tensor
         Clean batch (model input) and labels.
-    opt : VirtualSGD
+    opt : VirtualSGD or VirtualAdam
         The virtual optimizer (its momentum buffers are read, never changed).
     lr : float
         The learning rate of the step.
@@ -232,9 +234,9 @@ def l2rw_eps_grad(
     zeros = {k: torch.zeros_like(v) for k, v in params.items()}
     p_virtual, _ = opt.step(params, zeros, lr)
     v, _ = clean_loss_grad(model, p_virtual, buffers, xv, yv)
-    # mutant l2rw-eps-sign: `-opt.xi(lr)` -> `opt.xi(lr)`
+    # mutant l2rw-eps-sign: `return loss` -> `return -loss`
     #   | meta_methods:l2rw_eps_grad behaviour:mislabelled
-    return -opt.xi(lr) * loss_alignment(model, params, buffers, x, y, v)
+    return loss_alignment(model, params, buffers, x, y, opt.pullback(params, zeros, lr, 1.0, v))
 
 
 def l2rw_weights(eps_grad: Tensor, part: Part | None = None) -> Tensor:
@@ -298,7 +300,7 @@ def mwnet_meta_grad(
     y: Tensor,
     xv: Tensor,
     yv: Tensor,
-    opt: VirtualSGD,
+    opt: VirtualOptimizer,
     lr: float,
     normalize: bool = True,
     part: Part | None = None,
@@ -306,7 +308,7 @@ def mwnet_meta_grad(
     """Meta-Weight-Net's meta-gradient d L_val(p'(theta)) / d theta for the weighting MLP.
 
     p' = opt.step(p, grad_p sum_i c_i(theta) l_i(p), lr) with c = `mwnet_reduce`(wnet(l)). The
-    gradient reaches theta through c only: d L_val / d c_i = -xi * <grad L_val(p'), grad l_i(p)>,
+    gradient reaches theta through c only: d L_val / d c_i = <J^T grad L_val(p'), grad l_i(p)>,
     then one backward through the MLP.
 
     Parameters
@@ -317,7 +319,7 @@ def mwnet_meta_grad(
         Classifier parameters p and BatchNorm buffers (left untouched).
     x, y, xv, yv : Tensor
         Training batch and clean batch (model inputs and labels).
-    opt : VirtualSGD
+    opt : VirtualSGD or VirtualAdam
         The virtual optimizer (momentum buffers read, never changed).
     lr : float
         Learning rate of the virtual step.
@@ -344,14 +346,14 @@ def mwnet_meta_grad(
     clip = opt.clip_coef(g)
     p_virtual, _ = opt.step(params, g, lr, clip)
     v, meta_loss = clean_loss_grad(model, p_virtual, buffers, xv, yv)
-    d_coef = -opt.xi(lr, clip) * loss_alignment(model, params, buffers, x, y, v)
+    d_coef = loss_alignment(model, params, buffers, x, y, opt.pullback(params, g, lr, clip, v))
     theta = {k: t for k, t in wnet.named_parameters() if t.requires_grad}
     return _grads(coef, theta, d_coef.to(coef.dtype), part), meta_loss
 
 
 # -- the methods --------------------------------------------------------------------------------
 class _OneLearnerMeta(Method):
-    """What L2RW and MW-Net share: one classifier stepped by `VirtualSGD`, per-example weights."""
+    """What L2RW and MW-Net share: one classifier stepped by its virtual optimizer, weights."""
 
     defaults: dict[str, Any] = {"virtual": "optimizer"}
 
@@ -359,15 +361,7 @@ class _OneLearnerMeta(Method):
         """The classifier, its optimizer (as a pure function) and the per-example records."""
         self.opts = method_options(self.name, dict(ctx.options), self.defaults)
         self.model = ctx.new_model()
-        if ctx.optim.optimizer != "sgd":
-            # The virtual step must be the real update, and only SGD is written as a function.
-            raise LFMError(
-                f"{self.name} unrolls the classifier's optimizer step, which is implemented for "
-                f"SGD (momentum, weight decay, nesterov) only, but optim.optimizer is "
-                f"{ctx.optim.optimizer!r}",
-                "use --optimizer sgd (e.g. --preset cpu-sgd or dr-paper)",
-            )
-        self.real = VirtualSGD.from_config(ctx.optim, who=f"{self.name} classifier")
+        self.real = virtual_from_config(ctx.optim, who=f"{self.name} classifier")
         self.virtual = _virtual_opt(self.real, str(self.opts["virtual"]), self.name)
         n = len(ctx.bundle.train)
         # NaN = never weighted yet, so a report can tell "unseen" from "weighted 0".
