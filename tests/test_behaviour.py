@@ -298,8 +298,9 @@ def test_search_step_moves_alpha_down_its_validation_objective(float64, digits64
     f1 = _search_objective(old, batches, a_new)
     assert f1 < f0 - 1e-4, f"alpha's step did not lower the objective: {f0} -> {f1}"
     # the weight step descends the training loss (the real step of W1, or of DARTS's net)
-    l_old = ce_loss(old.net1, dict(old.net1.named_parameters()), a_old, *batches[0])
-    l_new = ce_loss(L.net1, dict(L.net1.named_parameters()), a_old, *batches[0])
+    with torch.no_grad():
+        l_old = ce_loss(old.net1, dict(old.net1.named_parameters()), a_old, *batches[0])
+        l_new = ce_loss(L.net1, dict(L.net1.named_parameters()), a_old, *batches[0])
     assert float(l_new) < float(l_old) - 0.1, ("weight step", float(l_old), float(l_new))
     if L.lfm:
         fr = _search_objective(old, batches, a_old, r=L.r[vidx].detach())

@@ -545,7 +545,10 @@ def collect_rows(path: str | Path) -> list[dict[str, Any]]:
                     "setting": base["setting"] or setting.name,
                     "imbalance": base["imbalance"] or setting.imbalance,
                     "noise": base["noise"] or setting.noise,
-                    "label": base["label"] or res["method"],
+                    # a plain method name shows what ran (lfm -> lfm[w1-val]); custom labels stay
+                    "label": res["method"]
+                    if base["label"] in (None, base["method"])
+                    else base["label"],
                     "method": base["method"] or res["method"],
                     "seed": res["seed"] if base["seed"] is None else base["seed"],
                 }

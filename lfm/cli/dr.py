@@ -9,15 +9,12 @@ from pathlib import Path
 from lfm.apps.protocols import PROTOCOLS, protocol
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
+from lfm.methods.lfm_dr import RECOMMENDED
 from lfm.train import distributed
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
 HELP = "reweight training data with LFM-DR and compare it with plain cross-entropy"
-# The variant `lfm dr` runs unless told otherwise. Picked on validation accuracy of the MNIST-1D
-# suites in docs/RESULTS.md (40% flip noise and imbalance 50, 3 seeds), where it ties with its
-# control w1-val-only and beats the faithful `paper` form; `--variant paper` runs the paper's.
-RECOMMENDED = "w1-val"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,10 +80,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.method_options = {}  # LFM options mean nothing to the baselines
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
-        res = train(cfg)
-        if m == "lfm":  # name the variant in the table
-            res = {**res, "method": f"lfm ({cfg.method_options.get('variant', 'paper')})"}
-        all_results.append(res)
+        all_results.append(train(cfg))  # results name the variant: lfm[w1-val]
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
     print(runs_table(all_results))

@@ -1,22 +1,38 @@
 """What every training method provides, so one trainer loop runs them all.
 
 A method owns its learners and their optimizers; the trainer owns the data order, the
-schedule, evaluation, checkpoints and the results file.
+schedule, evaluation, checkpoints and the results file. Methods get their learners, their
+optimizers and learning rates from the `Context`: built from the run's config by the trainer,
+or taken from the user's own module and `torch.optim` optimizer (`lfm.Reweighter`), so both
+paths run the same method code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from lfm.data.types import Batch, DataBundle, Stream
+from lfm.engine.virtual import VirtualOptimizer, virtual_from_config
 from lfm.registry import Registry
-from lfm.train.optim import OptimConfig
+from lfm.train.optim import OptimConfig, make_optimizer
+
+
+class LearnerSource(Protocol):
+    """Where learners and their optimizers come from when the user brings their own."""
+
+    def module(self, role: str) -> nn.Module: ...  # "W1" (the model), "W2", "V"
+
+    def virtual(self, role: str, module: nn.Module, who: str) -> VirtualOptimizer: ...
+
+    def torch_optimizer(self, role: str, module: nn.Module) -> torch.optim.Optimizer: ...
+
+    def lr(self, role: str) -> float: ...
 
 
 @dataclass
@@ -37,10 +53,35 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
     precision: str = "fp32"  # fp32 | bf16: the trainer runs `step` under bf16 autocast
     compile: bool = False  # plain methods: torch.compile the model's forward
+    source: LearnerSource | None = None  # the user's own learners and optimizers (lfm.Reweighter)
 
     def lr_at(self, base_lr: float) -> float:
         """`base_lr` under the run's schedule at the current step."""
         return base_lr * self.lr_factor(self.step)
+
+    def learner(self, role: str = "W1") -> nn.Module:
+        """The module playing `role`: "W1" (or a method's only learner), "W2", or "V" (a fresh
+        network of the learner's architecture for the encoder)."""
+        return self.new_model() if self.source is None else self.source.module(role)
+
+    def virtual_optimizer(
+        self, role: str, module: nn.Module, who: str = "learner"
+    ) -> VirtualOptimizer:
+        """The pure-function optimizer whose step is `module`'s real update."""
+        if self.source is None:
+            return virtual_from_config(self.optim, who)
+        return self.source.virtual(role, module, who)
+
+    def torch_optimizer(self, role: str, module: nn.Module) -> torch.optim.Optimizer:
+        """A `torch.optim` optimizer over `module` (plain methods step it themselves)."""
+        if self.source is None:
+            return make_optimizer(module.parameters(), self.optim)
+        return self.source.torch_optimizer(role, module)
+
+    def learner_lr(self, role: str = "W1") -> float:
+        """The learning rate of `role`'s step now: the run's schedule, or the user's optimizer
+        (so a user's `torch.optim.lr_scheduler` is followed)."""
+        return self.lr_at(self.optim.lr) if self.source is None else self.source.lr(role)
 
 
 class Method:
@@ -51,6 +92,11 @@ class Method:
         "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
     )
     compiles: bool = False  # honours ctx.compile (meta-methods call the model via torch.func)
+
+    @property
+    def label(self) -> str:
+        """The name results and tables show (a variant, where the method has one)."""
+        return self.name
 
     def setup(self, ctx: Context) -> None:
         """Create learners, optimizers and per-example state."""

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from lfm.data.types import Batch
 from lfm.engine.functional import Params, buffers_of, leaves, losses, params_of
 from lfm.engine.hypergrad import loss_jvp
-from lfm.engine.virtual import VirtualOptimizer, VirtualSGD, virtual_from_config
+from lfm.engine.virtual import VirtualOptimizer, VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.models.base import batchnorm_batch_stats
@@ -360,8 +360,8 @@ class _OneLearnerMeta(Method):
     def setup(self, ctx: Context) -> None:
         """The classifier, its optimizer (as a pure function) and the per-example records."""
         self.opts = method_options(self.name, dict(ctx.options), self.defaults)
-        self.model = ctx.new_model()
-        self.real = virtual_from_config(ctx.optim, who=f"{self.name} classifier")
+        self.model = ctx.learner("W1")
+        self.real = ctx.virtual_optimizer("W1", self.model, who=f"{self.name} classifier")
         self.virtual = _virtual_opt(self.real, str(self.opts["virtual"]), self.name)
         n = len(ctx.bundle.train)
         # NaN = never weighted yet, so a report can tell "unseen" from "weighted 0".
@@ -443,7 +443,7 @@ class L2RW(_OneLearnerMeta):
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """Weights from the virtual step, then a real step on the weighted loss."""
-        lr = ctx.lr_at(ctx.optim.lr)
+        lr = ctx.learner_lr("W1")
         x = ctx.bundle.inputs(batch.x, train=True)
         clean = next(ctx.val_stream)
         xv = ctx.bundle.inputs(clean.x, train=True)
@@ -496,7 +496,7 @@ class MetaWeightNet(_OneLearnerMeta):
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """Update the MLP on the virtual step's clean loss, then a real step with its weights."""
-        lr = ctx.lr_at(ctx.optim.lr)
+        lr = ctx.learner_lr("W1")
         part = distributed.part_of(batch)
         x = ctx.bundle.inputs(batch.x, train=True)
         clean = next(ctx.val_stream)

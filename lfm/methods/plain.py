@@ -22,7 +22,7 @@ from lfm.errors import LFMError
 from lfm.losses import LOSSES
 from lfm.methods.base import METHODS, Context, Method
 from lfm.train import distributed
-from lfm.train.optim import make_optimizer, set_lr
+from lfm.train.optim import set_lr
 
 
 def descend(
@@ -81,14 +81,14 @@ class PlainMethod(Method):
                 f"method {self.name!r} got unknown option(s) {', '.join(opts)} ({e})",
                 f"its options are: {', '.join(known) or 'none'}",
             ) from None
-        self.model = ctx.new_model()
+        self.model = ctx.learner("W1")
         self.forward = torch.compile(self.model) if ctx.compile else self.model
-        self.opt = make_optimizer(self.model.parameters(), ctx.optim)
+        self.opt = ctx.torch_optimizer("W1", self.model)
         self.clip = ctx.optim.grad_clip
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """One gradient step on the batch's mean loss."""
-        set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
+        set_lr(self.opt, ctx.learner_lr("W1"))
         logits = self.forward(ctx.bundle.inputs(batch.x, train=True))
         loss = distributed.part_of(batch).mean(self.loss_fn(logits.float(), batch.y))
         return {

@@ -46,7 +46,7 @@ from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.meta import method_options
 from lfm.methods.plain import descend
 from lfm.train import distributed
-from lfm.train.optim import make_optimizer, set_lr
+from lfm.train.optim import set_lr
 
 
 def keep_smallest(loss: torch.Tensor, rho: float) -> torch.Tensor:
@@ -116,8 +116,8 @@ class SmallLoss(Method):
         if not 0 < float(self.opts["quantile"]) <= 1:
             raise LFMError("small-loss option quantile must be in (0, 1]", "use e.g. 0.95")
         self.rho_target = None if self.auto else float(rho)
-        self.model = ctx.new_model()
-        self.opt = make_optimizer(self.model.parameters(), ctx.optim)
+        self.model = ctx.learner("W1")
+        self.opt = ctx.torch_optimizer("W1", self.model)
         self.clip = ctx.optim.grad_clip
         n = len(ctx.bundle.train)
         self.kept = torch.zeros(n)
@@ -134,7 +134,7 @@ class SmallLoss(Method):
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """One step on the mean loss of the kept examples."""
-        set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
+        set_lr(self.opt, ctx.learner_lr("W1"))
         rho = self.rho_at(ctx)
         loss_i = F.cross_entropy(
             self.model(ctx.bundle.inputs(batch.x, train=True)).float(), batch.y, reduction="none"

@@ -32,6 +32,7 @@ from lfm.data.types import Batch, DataBundle, Split, Stream, iterate_batches
 from lfm.device import resolve_device, seed_everything
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
+from lfm.reweighter import Reweighter
 from lfm.train import distributed
 from lfm.train.checkpoint import (
     CheckpointDir,
@@ -186,6 +187,8 @@ class Trainer:
                 file=sys.stderr,
             )
         self.method.setup(self.ctx)
+        # the public step (lfm.Reweighter) is the one every run takes, CLI and API alike
+        self.reweighter = Reweighter.from_context(self.method, self.ctx)
         self.history: list[dict] = []
         self._last_eval: tuple[dict, dict] | None = None
         self._logs: dict[str, float] = {}  # the last step's; checkpointed, epoch records use them
@@ -274,7 +277,7 @@ class Trainer:
                 epoch=p,
                 start=k,
             ):
-                yield distributed.shard(batch)  # every rank: the same global batch, its part
+                yield batch  # the global batch: Reweighter.step takes this rank's part
                 step += 1
                 if step >= stop:
                     return
@@ -311,9 +314,8 @@ class Trainer:
             stopping = False
             t0 = time.perf_counter()
             for batch in self._batches(ctx.step, (ctx.epoch + 1) * spe):
-                with self.autocast:
-                    logs = self._logs = self.method.step(batch, ctx)
-                ctx.step += 1
+                with self.autocast:  # the step advances ctx.step
+                    logs = self._logs = self.reweighter.step(batch.x, batch.y, batch.idx)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -369,7 +371,7 @@ class Trainer:
         names = list(self.method.models())
         results = {
             "status": "complete",
-            "method": self.method.name,
+            "method": self.method.label,
             "dataset": self.bundle.name,
             "seed": self.cfg.seed,
             "config": asdict(self.cfg),
