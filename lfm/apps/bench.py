@@ -240,6 +240,7 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
 
     # Under torchrun every rank runs every training run (its part of each batch); rank 0 alone
     # logs and writes, and the suspects scoring (no collectives) runs on rank 0 only.
+    check_suite(cfg)  # a typo in the last method must not wait for the first one's training
     main = distributed.is_main()
     log = log if log and main else (lambda _line: None)
     suspects = cfg.suspects and main
@@ -277,6 +278,41 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
         f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; see {out}/table.md"
     )
     return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
+
+
+def check_suite(cfg: BenchConfig) -> None:
+    """Check every method, variant, setting and option of a suite; raise LFMError on the first.
+
+    Each (method, setting) cell's RunConfig is validated as its run would be, so an unknown
+    method, a bad option value or an impossible noise spec stops the suite before any training.
+
+    Example
+    -------
+    >>> check_suite(BenchConfig(RunConfig(), parse_method_specs(["ce", "mwn"]),
+    ...                         make_settings([1], ["none"]), [0], "bench/"))
+    Traceback (most recent call last):
+    lfm.errors.LFMError: unknown method 'mwn'. Fix: choose one of: ...
+    """
+    from lfm.methods import METHODS
+
+    if not cfg.seeds:
+        raise LFMError("the suite has no seeds", "pass --seeds 1 or more")
+    if not cfg.settings:
+        raise LFMError("the suite has no settings", "pass --imbalance and --noise values")
+    for spec in cfg.methods:
+        try:
+            METHODS.get(spec.method)
+        except LFMError as e:
+            where = f"--variant {spec.label}" if spec.label != spec.method else "--methods"
+            raise LFMError(f"{where}: {e.problem}", e.fix) from None
+    seed = cfg.seeds[0]
+    for setting in cfg.settings:
+        for spec in cfg.methods:
+            cell = run_config_for(cfg.base, spec, setting, seed, Path(cfg.out))
+            try:
+                cell.validate()
+            except LFMError as e:
+                raise LFMError(f"{spec.label} on {setting.name}: {e.problem}", e.fix) from None
 
 
 def _describe(cfg: BenchConfig) -> dict[str, Any]:

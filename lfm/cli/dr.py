@@ -74,18 +74,24 @@ def run(args: argparse.Namespace) -> int:
     methods = [m for m in args.compare.split(",") if m] + ["lfm"]
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
-    all_results = []
+    # Every run's configuration (and lfm's options) is checked before the first one trains.
+    # --opt and YAML method options are LFM's: the baselines get none.
+    bare = argparse.Namespace(**{**vars(args), "opt": None})
+    cfgs = []
     for m in methods:
-        cfg = run_config(args, {**base, "method": m})
         if m == "lfm":
-            cfg.method_options = {**lfm_opts, **cfg.method_options}
-        elif lfm_opts or cfg.method_options:
-            cfg.method_options = {}  # LFM options mean nothing to the baselines
+            cfg = run_config(args, {**base, "method": m, "method_options": lfm_opts})
+        else:
+            cfg = run_config(bare, {**base, "method": m}, check_options=False)
+            cfg.method_options = {}
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
+        cfgs.append(cfg)
+    all_results = []
+    for m, cfg in zip(methods, cfgs, strict=True):
         res = train(cfg)
         if m == "lfm":  # name the variant in the table
-            res = {**res, "method": f"lfm ({cfg.method_options.get('variant', 'paper')})"}
+            res = {**res, "method": f"lfm ({_variant(cfg.method_options)})"}
         all_results.append(res)
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
@@ -93,3 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"runs written to {args.out}/<method>/ (results.json, per_example.npz with b and a)")
     return 0
+
+
+def _variant(options: dict) -> str:
+    """The LFM-DR variant a run's options select (a preset sets it unless `variant` is given)."""
+    from lfm.methods.lfm_dr import LFMConfig
+
+    return LFMConfig.from_options(options).variant

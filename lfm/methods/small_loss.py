@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.data.types import Batch, iterate_batches
-from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
-from lfm.methods.meta import method_options
+from lfm.methods.options import Opt, check_method_options, register_options
 from lfm.methods.plain import descend
 from lfm.train import distributed
 from lfm.train.optim import make_optimizer, set_lr
@@ -94,25 +93,12 @@ class SmallLoss(Method):
     """Cross-entropy on the lowest-loss (1 - rho) fraction of each batch."""
 
     name = "small-loss"
-    defaults: dict[str, Any] = {
-        "rho": "auto",
-        "ramp": 0.1,
-        "warmup": 1,
-        "quantile": 0.95,
-        "max_rho": 0.8,
-    }
 
     def setup(self, ctx: Context) -> None:
         """One model, its optimizer, and the keep counters."""
-        self.opts = method_options(self.name, dict(ctx.options), self.defaults)
+        self.opts = check_method_options(self.name, ctx.options)
         rho = self.opts["rho"]
         self.auto = rho == "auto"
-        if not self.auto and not (isinstance(rho, int | float) and 0 <= rho < 1):
-            raise LFMError(
-                f"small-loss option rho={rho!r} is invalid", "use a number in [0, 1) or auto"
-            )
-        if not 0 < float(self.opts["quantile"]) <= 1:
-            raise LFMError("small-loss option quantile must be in (0, 1]", "use e.g. 0.95")
         self.rho_target = None if self.auto else float(rho)
         self.model = ctx.new_model()
         self.opt = make_optimizer(self.model.parameters(), ctx.optim)
@@ -186,6 +172,16 @@ class SmallLoss(Method):
         self.rho_target = state["rho_target"]
 
 
+register_options(
+    "small-loss",
+    {
+        "rho": Opt("float", "auto", lo=0.0, hi=1.0, hi_open=True, words=("auto",)),
+        "ramp": Opt("float", 0.1, lo=0.0, hi=1.0),
+        "warmup": Opt("int", 1, lo=0),
+        "quantile": Opt("float", 0.95, lo=0.0, hi=1.0, lo_open=True),
+        "max_rho": Opt("float", 0.8, lo=0.0, hi=1.0),
+    },
+)
 METHODS.register(
     "small-loss", "keep the (1 - rho) lowest-loss fraction of each batch (rho=auto: estimated)"
 )(SmallLoss)

@@ -112,7 +112,8 @@ class Trainer:
         model_factory: Callable[[], nn.Module] | None = None,
         method: Method | None = None,
     ):
-        cfg.validate()
+        # a method given as an object brings its own options, which the registry cannot check
+        cfg.validate(options=method is None)
         self.cfg = cfg
         self.device = distributed.init(resolve_device(cfg.device))
         seed_everything(cfg.seed)
