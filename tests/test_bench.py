@@ -27,7 +27,9 @@ def _bench(out, suspects=False) -> BenchConfig:
     base = RunConfig(data=DataConfig("digits"), epochs=1, max_steps=3, progress=False)
     return BenchConfig(
         base=base,
-        methods=parse_method_specs(["ce", "small-loss", "bad"], ["bad=lfm:encoder_weights=missing.pt"]),
+        methods=parse_method_specs(
+            ["ce", "small-loss", "bad"], ["bad=lfm:encoder_weights=missing.pt"]
+        ),
         settings=make_settings([1], ["none", "flip:0.4"]),
         seeds=[0],
         out=str(out),

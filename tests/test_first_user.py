@@ -6,9 +6,6 @@ process and check the one-line `lfm: error: <problem>. Fix: <fix>` contract (exi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from lfm.cli.main import main
@@ -106,3 +103,20 @@ def test_bench_checks_the_whole_suite_first(extra, needles, tmp_path, capsys):
     out = tmp_path / "bench"
     one_line_error(["bench", *TINY, *extra, "--out", str(out)], capsys, *needles)
     assert not out.exists()  # not even the first method ran
+
+
+# -- 11. YAML: where a misplaced key belongs; where a syntax error is ------------------------------
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("lr: 0.1\n", ["'lr' belongs under `optim:`", "optim: {lr: ...}"]),
+        ("noise: flip:0.2\n", ["'noise' belongs under `data:`"]),
+        ("hidden_sizes: [64]\n", ["unknown config field 'hidden_sizes'"]),  # no section has it
+        ("data:\n  dataset: digits\n noise: [x\n", ["line 3, column 2"]),
+        ("epochs: 1\n\tseed: 2\n", ["line 2, column 1"]),
+    ],
+)
+def test_yaml_errors_say_where(text, needles, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    one_line_error(["train", "--config", str(cfg), *TINY], capsys, *needles)
