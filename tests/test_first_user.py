@@ -120,3 +120,109 @@ def test_yaml_errors_say_where(text, needles, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     one_line_error(["train", "--config", str(cfg), *TINY], capsys, *needles)
+
+
+# -- 10. a model of the wrong width, a module where a factory is expected -------------------------
+def _three_class_bundle():
+    import torch
+
+    from lfm.data.types import DataBundle, Split
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.arange(60) % 3
+
+    def split(lo: int, hi: int) -> Split:
+        return Split(x[lo:hi], y[lo:hi], torch.arange(lo, hi))
+
+    return DataBundle("toy", 3, (8,), split(0, 40), split(40, 50), split(50, 60))
+
+
+def _tiny_cfg(method: str = "ce"):
+    from lfm.config import RunConfig
+
+    return RunConfig(method=method, epochs=1, batch_size=10, max_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("method", ["ce", "lfm"])
+def test_a_model_with_the_wrong_output_width_is_refused(method):
+    from torch import nn
+
+    from lfm.errors import LFMError
+    from lfm.train.trainer import Trainer
+
+    with pytest.raises(LFMError, match=r"output is \(2, 10\).*3 classes"):
+        Trainer(_tiny_cfg(method), _three_class_bundle(), lambda: nn.Linear(8, 10)).run()
+    Trainer(_tiny_cfg(method), _three_class_bundle(), lambda: nn.Linear(8, 3)).run()  # right
+
+
+def test_a_module_where_a_factory_is_expected_names_the_fix():
+    import torch
+    from torch import nn
+
+    from lfm.errors import LFMError
+    from lfm.methods.base import Context
+    from lfm.train.trainer import Trainer
+
+    with pytest.raises(LFMError, match=r"Linear instance.*model_factory=lambda: Linear"):
+        Trainer(_tiny_cfg(), _three_class_bundle(), nn.Linear(8, 3))
+    b = _three_class_bundle()
+    with pytest.raises(LFMError, match=r"new_model=lambda: Linear"):
+        Context(b, torch.device("cpu"), nn.Linear(8, 3), None, 1, 1, lambda s: 1.0, None)
+
+
+# -- 17. every method runs in float64 -------------------------------------------------------------
+@pytest.fixture
+def float64():
+    import torch
+
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("method", ["ce", "focal", "cb", "small-loss", "l2rw", "mwnet", "lfm"])
+def test_every_method_runs_in_float64(method, float64):
+    import math
+
+    import torch
+
+    from lfm.config import RunConfig
+    from lfm.data.config import DataConfig
+    from lfm.train.trainer import Trainer
+
+    cfg = RunConfig(
+        method=method, data=DataConfig(noise="flip:0.4"), epochs=1, max_steps=2, progress=False
+    )
+    trainer = Trainer(cfg)
+    results = trainer.run()
+    for model in trainer.method.models().values():
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(math.isfinite(r["val_acc"]) for r in results["last"].values())
+    for name, arr in trainer.method.per_example().items():
+        assert arr.dtype.kind in "fiub", name  # records stay numeric (float32 weights)
+
+
+def test_l2rw_step_with_float64_inputs(float64):
+    """The audit's case: float64 data and model; `last_weight` was float64, its values float32."""
+    import torch
+    from torch import nn
+
+    from lfm.train.trainer import Trainer
+
+    b = _three_class_bundle()
+    b.prepare = lambda x, train: x.double()
+    trainer = Trainer(_tiny_cfg("l2rw"), b, lambda: nn.Linear(8, 3))
+    trainer.run()
+    w = trainer.method.per_example()["weight"]
+    assert torch.isfinite(torch.as_tensor(w)).sum() == 20  # two batches of 10 were weighted
+
+
+# -- 15. an empty tail class caused by the validation set names --val-per-class -------------------
+def test_val_per_class_that_empties_the_tail_names_the_option(capsys):
+    err = one_line_error(
+        ["train", "--val-per-class", "120", "--imbalance", "5", *TINY],
+        capsys,
+        "--val-per-class 120",
+        "pass --val-per-class 117 or less",  # digits' smallest class has 122 training examples
+    )
+    assert "imbalance 5" in err

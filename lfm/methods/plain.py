@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lfm.data.types import Batch
+from lfm.engine.functional import at_least_fp32
 from lfm.errors import LFMError
 from lfm.losses import LOSSES
 from lfm.methods.base import METHODS, Context, Method
@@ -79,7 +80,7 @@ class PlainMethod(Method):
         """One gradient step on the batch's mean loss."""
         set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
         logits = self.forward(ctx.bundle.inputs(batch.x, train=True))
-        loss = distributed.part_of(batch).mean(self.loss_fn(logits.float(), batch.y))
+        loss = distributed.part_of(batch).mean(self.loss_fn(at_least_fp32(logits), batch.y))
         return {
             "loss": descend(self.model, self.opt, loss, ctx.step, self.clip, distributed.active())
         }

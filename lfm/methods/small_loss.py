@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.data.types import Batch, iterate_batches
+from lfm.engine.functional import at_least_fp32
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.options import Opt, check_method_options, register_options
 from lfm.methods.plain import descend
@@ -104,8 +105,9 @@ class SmallLoss(Method):
         self.opt = make_optimizer(self.model.parameters(), ctx.optim)
         self.clip = ctx.optim.grad_clip
         n = len(ctx.bundle.train)
-        self.kept = torch.zeros(n)
-        self.seen = torch.zeros(n)
+        # float32 whatever the default dtype: counters are records, saved in one dtype
+        self.kept = torch.zeros(n, dtype=torch.float32)
+        self.seen = torch.zeros(n, dtype=torch.float32)
 
     def rho_at(self, ctx: Context) -> float:
         """The drop rate of the current step."""
@@ -121,7 +123,9 @@ class SmallLoss(Method):
         set_lr(self.opt, ctx.lr_at(ctx.optim.lr))
         rho = self.rho_at(ctx)
         loss_i = F.cross_entropy(
-            self.model(ctx.bundle.inputs(batch.x, train=True)).float(), batch.y, reduction="none"
+            at_least_fp32(self.model(ctx.bundle.inputs(batch.x, train=True))),
+            batch.y,
+            reduction="none",
         )
         part = distributed.part_of(batch)
         keep_all = keep_smallest(part.gather(loss_i.detach()), rho)  # over the global batch
@@ -130,7 +134,7 @@ class SmallLoss(Method):
         # the ranks' shares add up to the global kept mean's gradient
         loss_value = descend(self.model, self.opt, loss, ctx.step, self.clip, part.split)
         idx = (batch.idx if batch.whole is None else batch.whole).cpu()
-        self.seen.index_add_(0, idx, torch.ones(len(idx)))
+        self.seen.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float32))
         self.kept.index_add_(0, idx, keep_all.float().cpu())
         return {"loss": loss_value, "rho": rho}
 
