@@ -6,6 +6,9 @@ process and check the one-line `lfm: error: <problem>. Fix: <fix>` contract (exi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lfm.cli.main import main
@@ -226,3 +229,146 @@ def test_val_per_class_that_empties_the_tail_names_the_option(capsys):
         "pass --val-per-class 117 or less",  # digits' smallest class has 122 training examples
     )
     assert "imbalance 5" in err
+
+
+# -- 12 and 13. `lfm suspects` on an `lfm dr` folder, and the key each variant ranks by -----------
+def _fake_dr_folder(root: Path, variant: str) -> Path:
+    """An `lfm dr --out root` folder: ce/ and lfm/ runs; lfm's b ranks noise up, its a down."""
+    import numpy as np
+
+    n = 40
+    noisy = np.arange(n) % 4 == 0  # 10 noisy labels
+    common = {
+        "index": np.arange(n),
+        "origin": np.arange(n),
+        "label": np.arange(n) % 3,
+        "true_label": np.where(noisy, (np.arange(n) + 1) % 3, np.arange(n) % 3),
+        "noisy": noisy,
+    }
+    for method, extra in (
+        ("ce", {}),
+        ("lfm", {"b": np.where(noisy, 2.0, 1.0), "a": np.where(noisy, 0.1, 0.9)}),
+    ):
+        d = root / method
+        d.mkdir(parents=True)
+        np.savez(d / "per_example.npz", **common, **extra)
+        cfg = {"method": method, "method_options": {"variant": variant} if extra else {}}
+        (d / "results.json").write_text(json.dumps({"config": cfg}))
+    return root
+
+
+def test_suspects_on_a_dr_folder_points_at_the_method_folder(tmp_path, capsys):
+    root = _fake_dr_folder(tmp_path / "x", "paper")
+    one_line_error(["suspects", f"{root}/", "--no-predict"], capsys, f"lfm suspects {root}/lfm")
+
+
+def test_suspects_prints_paths_without_double_slashes(tmp_path, capsys):
+    root = _fake_dr_folder(tmp_path / "x", "paper")
+    assert main(["suspects", f"{root}/lfm/", "--no-predict"]) == 0
+    out = capsys.readouterr().out
+    assert "//" not in out and f"{root}/lfm/suspects.csv" in out
+
+
+@pytest.mark.parametrize("variant,key", [("paper", "a"), ("a-only", "a"), ("w1-val", "b")])
+def test_suspects_ranks_by_the_variants_signal(variant, key, tmp_path, capsys):
+    root = _fake_dr_folder(tmp_path / "x", variant)
+    assert main(["suspects", str(root / "lfm"), "--no-predict", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["suspects"]
+    assert metrics["key"] == key
+
+
+def test_suspects_says_when_a_ranking_is_worse_than_chance(tmp_path, capsys):
+    root = _fake_dr_folder(tmp_path / "x", "paper")
+    assert main(["suspects", str(root / "lfm"), "--no-predict", "--key", "b"]) == 0
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "below 0.5" in warning[0] and "--key a" in warning[0], out
+    assert main(["suspects", str(root / "lfm"), "--no-predict"]) == 0  # a: no warning
+    assert "warning" not in capsys.readouterr().out
+
+
+# -- 14. what `lfm dr` prints, help texts, one-seed tables, Ctrl-C, the genotype picture ----------
+def test_dr_output_names_its_setting_and_the_learners(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["dr", *TINY, "--compare", "", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "setting (default): digits" in out and "noise flip:0.4" in out
+    assert "imbalance 5" in out and "validation 10 per class" in out
+    assert "W1: " in out and "W2: " in out
+
+
+@pytest.mark.parametrize("command", ["train", "dr", "search", "evaluate", "bench", "suspects"])
+def test_help_texts_show_single_percent_signs(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "%%" not in out
+    if command == "dr":
+        assert "40% flip noise" in out
+
+
+def test_a_single_seed_cell_has_no_spread():
+    from lfm.apps.bench import markdown_tables
+
+    row = {
+        "label": "ce",
+        "method": "ce",
+        "learner": "model",
+        "seed": 0,
+        "setting": "imb1-none",
+        "status": "complete",
+        "test_last": 0.5,
+        "test_sel": 0.5,
+        "dataset": "d",
+        "sec_per_iter": 0.1,
+        "peak_mem_mb": 1.0,
+        "peak_rss_mb": 1.0,
+        "run_dir": "r",
+        "error": "",
+    }
+    table = markdown_tables([row])
+    assert "± 0.0000" not in table and "| ce | **0.5000 (1 seed)** |" in table
+    assert "| ce | 0.6000 ± 0.1414 |" in markdown_tables(
+        [{**row, "test_last": 0.5}, {**row, "seed": 1, "test_last": 0.7, "run_dir": "q"}]
+    ).replace("**", "")
+
+
+def test_ctrl_c_before_any_checkpoint_says_it_starts_over(tmp_path, capsys, monkeypatch):
+    import lfm.cli.train
+
+    def interrupted(cfg):
+        if cfg.out:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lfm.cli.train, "train", interrupted)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "starts over" in err and "resume" not in err
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "ckpt-000000010.pt").write_bytes(b"")
+    assert main(["train", *TINY, "--out", str(out)]) == 130
+    assert "resume from the last checkpoint" in capsys.readouterr().err
+    assert main(["train", *TINY]) == 130  # no --out: nothing was saved
+    assert "nothing was saved" in capsys.readouterr().err
+
+
+def test_genotype_picture_renders_node_names_as_math(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from lfm.nas.genotypes import PDARTS, plot_genotype
+
+    texts: list[str] = []
+    real = matplotlib.axes.Axes.text
+
+    def record(self, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return real(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", record)
+    plot_genotype(PDARTS, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 0
+    subscripted = [t for t in texts if "_{" in t]
+    assert subscripted and all(t.startswith("$") and t.endswith("$") for t in subscripted)

@@ -17,11 +17,12 @@ run is recorded and retried on the next invocation; an interrupted run resumes f
 checkpoint. Settings are imbalance x noise: the full product (``grid="product"``) or the paper's
 one-axis sweeps (``grid="sweep"``: each imbalance without noise, each noise balanced).
 
-Mean +- std: the standard deviation is the sample one (ddof = 1) over the completed seeds (0 with
-a single seed). Cost: seconds per iteration relative to ``ce`` on the same setting and seed,
-averaged; peak memory is the trainer's (CUDA: peak allocated, reset before each run; CPU: the
-process's resident high-water mark) and, on Linux, the peak growth of resident memory during
-the run sampled every 20 ms (``peak_rss_mb``: the CPU number that means something per run).
+Mean +- std: the standard deviation is the sample one (ddof = 1) over the completed seeds; a cell
+with a single seed shows its value and "(1 seed)", no spread. Cost: seconds per iteration relative
+to ``ce`` on the same setting and seed, averaged; peak memory is the trainer's (CUDA: peak
+allocated, reset before each run; CPU: the process's resident high-water mark) and, on Linux, the
+peak growth of resident memory during the run sampled every 20 ms (``peak_rss_mb``: the CPU number
+that means something per run).
 """
 
 from __future__ import annotations
@@ -737,9 +738,13 @@ def metric_table(
             elif "mean" not in c:
                 line.append("failed" if c["failed"] else "–")  # – : not applicable
             else:
-                text = f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}"
+                text = f"{c['mean']:.{digits}f}"
+                if c["n"] > 1:  # one seed has no spread: a "± 0.0000" would claim one
+                    text += f" ± {c['std']:.{digits}f}"
                 if c["n"] < c["total"]:
                     text += f" ({c['n']}/{c['total']} seeds)"
+                elif c["n"] == 1:
+                    text += " (1 seed)"
                 line.append(f"**{text}**" if c["mean"] == best[s] else text)
         body.append(line)
     return ["method", *settings], body
@@ -783,7 +788,8 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     parts.append(
         f"Data: {', '.join(datasets)}; seeds: {', '.join(map(str, seeds))}. "
-        "Mean ± sample std over seeds; best mean per column in bold."
+        "Mean ± sample std over seeds (one seed: its value, no spread); "
+        "best mean per column in bold."
     )
     for metric, title in (
         ("test_last", "Test accuracy at the last epoch"),

@@ -20,12 +20,40 @@ HELP = "reweight training data with LFM-DR and compare it with plain cross-entro
 RECOMMENDED = "w1-val"
 
 
+# What the table's two LFM rows are (Algorithm 1): without it "W1" and "W2" mean nothing.
+LEARNERS = (
+    "W1: LFM-DR's first learner, trained on the b-weighted training loss (stage 1: learn); "
+    "W2: the second, trained on the a-weighted loss, a_i from W1's validation mistakes "
+    "(stage 2: relearn). Both are scored on the same test set."
+)
+
+
+def setting_line(results: dict, protocol: str) -> str:
+    """One line naming the data, corruption, validation set, model and budget of the runs."""
+    info, cfg = results.get("data", {}), results.get("config", {})
+    sizes = info.get("sizes", {})
+    split = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    if info.get("val_fraction"):
+        val = f"validation {info['val_fraction']:g} of train"
+    else:
+        val = f"validation {info.get('val_per_class')} per class"
+    noise = info.get("noise", "none")
+    rate = info.get("noise_rate")
+    noise += f" ({rate:.1%} of train labels wrong)" if rate else ""
+    return (
+        f"setting ({protocol}): {info.get('dataset', results.get('dataset'))} ({split}); "
+        f"noise {noise}; imbalance {info.get('imbalance', 1):g}; {val}; "
+        f"model {cfg.get('model', {}).get('name')}; {cfg.get('epochs')} epochs, "
+        f"batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `lfm dr`."""
     p = sub.add_parser(
         "dr",
         help=HELP,
-        description=HELP + ". With no options: digits with 40%% flip noise and imbalance 5, "
+        description=HELP + ". With no options: digits with 40% flip noise and imbalance 5, "
         "an MLP, LFM-DR beside cross-entropy.",
     )
     p.add_argument(
@@ -95,9 +123,12 @@ def run(args: argparse.Namespace) -> int:
         all_results.append(res)
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
+    print(setting_line(all_results[-1], args.protocol))
     print(runs_table(all_results))
+    print(LEARNERS)
     if args.out:
-        print(f"runs written to {args.out}/<method>/ (results.json, per_example.npz with b and a)")
+        where = Path(args.out) / "<method>"
+        print(f"runs written to {where}/ (results.json, per_example.npz with b and a)")
     return 0
 
 

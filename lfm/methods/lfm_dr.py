@@ -25,6 +25,11 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
                  paper). If it matches `w1-val`, the gain comes from this L2RW-like term and not
                  from learning from W2's relearning.
 
+Which per-example array flags wrong labels (`SIGNAL_KEY`, the default of `lfm suspects`): `b` for
+`w1-val` and `w1-val-only` (AUROC 0.92 on MNIST-1D, docs/RESULTS.md); `a` for the others, whose
+`b` ranks noisy examples *up* (`paper` 0.32, `authors-code` 0.40) or is frozen (`a-only`),
+while the last `a` is a label-consistency filter (AUROC 0.79-0.85).
+
 Encoders (`LFMConfig.encoder`): `full` (a network trained in stage 3: a fresh body of the
 learner's architecture, or `encoder_model` from the model registry, optionally loaded from a
 local `encoder_weights` file), `head` (that network frozen, features cached per example, a
@@ -117,6 +122,15 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "w1-val-only": ("w1val", False),
 }
 OPTIMS = ("adam", "sgd")
+# variant -> the per-example array that ranks noisy labels low (module docstring, RESULTS.md)
+SIGNAL_KEY: dict[str, str] = {
+    "paper": "a",
+    "authors-code": "a",
+    "a-normalised": "a",
+    "a-only": "a",
+    "w1-val": "b",
+    "w1-val-only": "b",
+}
 
 
 @dataclass

@@ -47,6 +47,9 @@ from lfm.train.progress import progress_bar
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
+# Run folders of this process's trainers, so an interrupted command can say whether a checkpoint
+# exists to resume from (`lfm.cli.main`), wherever the folder was set (flag or YAML).
+RUN_FOLDERS: list[Path] = []
 _OUTPUTS = re.compile(rf"^({re.escape(RESULTS)}|{re.escape(PER_EXAMPLE)})$")
 
 
@@ -189,6 +192,8 @@ class Trainer:
         self.bundle = bundle
         self.method = method if method is not None else METHODS.create(cfg.method)
         self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None:
+            RUN_FOLDERS.append(self.out)
         if self.out is not None and self.out.exists() and not self.out.is_dir():
             raise LFMError(
                 f"--out {str(self.out)!r} is a file, not a folder",
