@@ -372,3 +372,125 @@ def test_genotype_picture_renders_node_names_as_math(tmp_path, monkeypatch):
     assert (tmp_path / "g.png").stat().st_size > 0
     subscripted = [t for t in texts if "_{" in t]
     assert subscripted and all(t.startswith("$") and t.endswith("$") for t in subscripted)
+
+
+# -- 18. `lfm search` defaults to exact mixed second derivatives; the paper presets keep fd -------
+def test_search_defaults_to_exact_and_the_paper_presets_keep_fd(capsys):
+    from lfm.nas.search import SEARCH_PRESETS, SearchConfig
+
+    assert SearchConfig().hvp == "exact" and SEARCH_PRESETS["tiny"].hvp == "exact"
+    assert SEARCH_PRESETS["darts-paper"].hvp == "fd" and SEARCH_PRESETS["pdarts-paper"].hvp == "fd"
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "exact (default" in " ".join(capsys.readouterr().out.split())
+
+
+# -- 16. MW-Net's meta-net optimizer, and settings that reproduce each official script -----------
+def _official_mwnet_steps(model, vnet, batches, val_batches, lr, script: str):
+    """The official scripts' loop, written out (float64): a plain-SGD virtual step through
+    autograd, the meta-net's optimizer step on the clean loss, then the classifier's SGD step
+    (momentum 0.9, nesterov, wd 5e-4) with the updated meta-net's weights.
+
+    `train_WRN-28-10_Meta_PGC.py` (2019): v / sum(v), meta-net SGD(1e-3, 0.9, nesterov, 5e-4).
+    `MW-Net.py`: sum(cost * w) / len(cost), meta-net Adam(1e-3, weight_decay=1e-4).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    opt_a = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if script == "2019":
+        opt_c = torch.optim.SGD(
+            vnet.parameters(), 1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+    else:
+        opt_c = torch.optim.Adam(vnet.parameters(), 1e-3, weight_decay=1e-4)
+
+    def reduce(cost, v):
+        if script == "2019":
+            s = v.sum()
+            return (cost * (v / s if s != 0 else v)).sum()
+        return (cost * v).sum() / len(cost)
+
+    def weights(cost):
+        return torch.sigmoid(vnet(cost.detach().reshape(-1, 1))).squeeze(1)
+
+    for (x, y), (xv, yv) in zip(batches, val_batches, strict=True):
+        params = dict(model.named_parameters())
+        cost = F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none")
+        grads = torch.autograd.grad(reduce(cost, weights(cost)), list(params.values()),
+                                    create_graph=True)  # fmt: skip
+        virtual = {k: p - lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
+        meta = F.cross_entropy(functional_call(model, virtual, (xv,)), yv)
+        opt_c.zero_grad()
+        meta.backward()
+        opt_c.step()
+        cost = F.cross_entropy(model(x), y, reduction="none")
+        with torch.no_grad():
+            w = weights(cost)
+        opt_a.zero_grad()
+        reduce(cost, w).backward()
+        opt_a.step()
+
+
+@pytest.mark.parametrize("preset,script", [("official-2019", "2019"), ("official-mwnet-py", "py")])
+def test_mwnet_presets_reproduce_the_official_scripts(preset, script, float64):
+    import copy
+
+    import torch
+    from torch import nn
+
+    from lfm.data.types import Batch
+    from lfm.methods.base import Context
+    from lfm.methods.meta import MetaWeightNet
+    from lfm.train.optim import OptimConfig
+
+    bundle = _three_class_bundle()
+    g = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    steps = [torch.randperm(40, generator=g)[:10] for _ in range(3)]
+    val = [torch.randperm(10, generator=g)[:5] for _ in range(3)]
+    val_iter = iter([Batch(bundle.val.x[i], bundle.val.y[i], i) for i in val])
+    lr = 0.1
+    ctx = Context(
+        bundle,
+        torch.device("cpu"),
+        lambda: copy.deepcopy(net),
+        val_iter,
+        4,
+        12,
+        lambda step: 1.0,
+        OptimConfig("sgd", lr, 0.9, nesterov=True, weight_decay=5e-4),
+        options={"preset": preset},
+    )
+    ours = MetaWeightNet()
+    ours.setup(ctx)
+    ref_model, ref_vnet = copy.deepcopy(net), copy.deepcopy(ours.wnet.net)
+    for i in steps:
+        ours.step(Batch(bundle.train.x[i], bundle.train.y[i], i), ctx)
+    _official_mwnet_steps(
+        ref_model,
+        ref_vnet,
+        [(bundle.train.x[i], bundle.train.y[i]) for i in steps],
+        [(bundle.val.x[i], bundle.val.y[i]) for i in val],
+        lr,
+        script,
+    )
+    for a, b in zip(ours.wnet.net.parameters(), ref_vnet.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ours.model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_mwnet_meta_optimizer_is_an_option():
+    import torch
+
+    from lfm.methods.meta import MWNET_PRESETS, WeightNet, meta_optimizer, mwnet_options
+
+    opts = mwnet_options({"meta_optim": "sgd", "meta_momentum": "0.9", "meta_nesterov": "true"})
+    opt = meta_optimizer(WeightNet().parameters(), opts)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] is True
+    assert mwnet_options({})["meta_optim"] == "adam"  # the default is unchanged
+    pgc = mwnet_options({"preset": "official-2019"})
+    assert {k: pgc[k] for k in MWNET_PRESETS["official-2019"]} == MWNET_PRESETS["official-2019"]
+    assert mwnet_options({"preset": "official-2019", "meta_lr": 0.01})["meta_lr"] == 0.01
