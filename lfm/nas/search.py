@@ -75,8 +75,9 @@ class SearchConfig:
     steps_per_epoch: int | None = None  # cap on batches per epoch (None: one pass over train)
     order: int = 2  # 1 = first-order DARTS, 2 = second order (the unrolled hypergradient)
     # Mixed second derivatives: exact (forward over reverse) or fd (DARTS's finite differences).
-    # exact by default: it costs what fd does, and fd's eps = 0.01 / ||v|| crosses ReLU /
-    # max-pool kinks on small supernets (off by a relative 0.7-2.3 in an outside check).
+    # exact by default: fd's eps = 0.01 / ||v|| crosses ReLU / max-pool kinks on small supernets
+    # (off by a relative 0.7-2.3 in an outside check). On a CPU exact costs about fd's time per
+    # step at the paper's size and 1.5-2x it at this tiny default (benchmarks/bench_nas_step.py).
     hvp: str = "exact"
     fd_scale: float = 0.01  # fd step eps = fd_scale / ||v|| (DARTS: 0.01)
     w_lr: float = 0.025  # weight SGD lr, cosine-annealed to w_lr_min per stage (DARTS)
