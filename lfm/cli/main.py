@@ -52,7 +52,13 @@ def interrupted_advice(args: argparse.Namespace) -> str:
 
     folders = [Path(f) for f in RUN_FOLDERS]
     folders += [Path(v) for k in ("out", "suite_out") if (v := getattr(args, k, None))]
-    if any(next(f.rglob("ckpt-*.pt"), None) is not None for f in folders if f.is_dir()):
+    saved = any(next(f.rglob("ckpt-*.pt"), None) is not None for f in folders if f.is_dir())
+    if saved and getattr(args, "no_resume", False):
+        return (
+            "interrupted; re-running with --no-resume starts over, without it the run resumes "
+            "from the last checkpoint"
+        )
+    if saved:
         return "interrupted; re-run the same command to resume from the last checkpoint"
     if not folders:
         return "interrupted; nothing was saved (no --out), so re-running starts over"
