@@ -40,10 +40,11 @@ def setting_line(results: dict, protocol: str) -> str:
     noise = info.get("noise", "none")
     rate = info.get("noise_rate")
     noise += f" ({rate:.1%} of train labels wrong)" if rate else ""
+    epochs = cfg.get("epochs")
     return (
         f"setting ({protocol}): {info.get('dataset', results.get('dataset'))} ({split}); "
         f"noise {noise}; imbalance {info.get('imbalance', 1):g}; {val}; "
-        f"model {cfg.get('model', {}).get('name')}; {cfg.get('epochs')} epochs, "
+        f"model {cfg.get('model', {}).get('name')}; {epochs} epoch{'' if epochs == 1 else 's'}, "
         f"batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
     )
 
