@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lfm.data.config import DataConfig
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 from lfm.train.optim import PRESETS as OPTIM_PRESETS
 from lfm.train.optim import OptimConfig
 
@@ -53,12 +53,19 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast around every method's forward passes)
     compile: bool = False  # torch.compile the model's forward (plain methods only)
 
-    def validate(self) -> None:
-        """Raise LFMError naming the first bad field."""
+    def validate(self, options: bool = True) -> None:
+        """Raise LFMError naming the first bad field.
+
+        options: also parse and range-check `method_options` against the method's declared
+        options (False where they are merged later, e.g. a bench suite's base run).
+        """
         from lfm.methods import METHODS
+        from lfm.methods.options import check_method_options
         from lfm.models import MODELS
 
         METHODS.get(self.method)
+        if options:
+            check_method_options(self.method, self.method_options)
         MODELS.get(self.model.name)
         self.data.validate()
         self.optim.validate()
@@ -73,7 +80,7 @@ class RunConfig:
             raise LFMError("checkpoint_every must be >= 0", "use 0 for epoch ends only")
         if self.precision not in PRECISIONS:
             raise LFMError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                f"precision must be one of {', '.join(PRECISIONS)}, got {shown(self.precision)}",
                 "pass --precision fp32 or --precision bf16",
             )
         if self.max_steps is not None and self.max_steps < 1:
@@ -112,8 +119,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
+            home = _section_of(cls, key) if not where else None
+            if home is not None:  # e.g. a top-level `lr: 0.1` that belongs under `optim:`
+                raise LFMError(
+                    f"config field {shown(path)} belongs under `{home}:`, not at the top level",
+                    f"move it into the `{home}:` section, i.e. `{home}: {{{key}: ...}}`",
+                )
             raise LFMError(
-                f"unknown config field {path!r}", f"valid fields here: {', '.join(sorted(names))}"
+                f"unknown config field {shown(path)}",
+                f"valid fields here: {', '.join(sorted(names))}",
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -121,13 +135,32 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             continue
         if not _type_ok(value, tp):
             raise LFMError(
-                f"config field {path!r} has the wrong type ({type(value).__name__}: {value!r})",
+                f"config field {shown(path)} has the wrong type "
+                f"({type(value).__name__}: {shown(value)})",
                 f"give a value of type {getattr(tp, '__name__', tp)}",
             )
         if typing.get_origin(tp) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _section_of(cls: type, key: str) -> str | None:
+    """The nested section of `cls` (data, model, optim) that has a field `key`, if one does."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and key in {g.name for g in dataclasses.fields(tp)}:
+            return f.name
+    return None
+
+
+def _yaml_where(e: Exception) -> str:
+    """'line L, column C: ' of a YAML error (1-based, as editors count), or '' without a mark."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is None:
+        return ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: "
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -140,9 +173,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise LFMError(
-            f"config file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix the syntax"
-        ) from e
+            f"config file {p} is not valid YAML at {_yaml_where(e)}{problem}",
+            "fix the syntax there",
+        ) from None
     except UnicodeDecodeError as e:
         raise LFMError(
             f"config file {p} is not valid YAML: not UTF-8 text ({e.reason} at byte {e.start})",
@@ -158,7 +193,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         if key in parent and not isinstance(parent[key], dict):
             where = "model.kwargs" if key == "kwargs" else key
             raise LFMError(
-                f"config section {where!r} must be a mapping, got {parent[key]!r} (in {p})",
+                f"config section {where!r} must be a mapping, got {shown(parent[key])} (in {p})",
                 "write it as indented `key: value` lines",
             )
     return data
@@ -168,6 +203,6 @@ def optim_preset(name: str) -> OptimConfig:
     """A copy of a named optimizer preset."""
     if name not in OPTIM_PRESETS:
         raise LFMError(
-            f"unknown optimizer preset {name!r}", f"choose one of {', '.join(OPTIM_PRESETS)}"
+            f"unknown optimizer preset {shown(name)}", f"choose one of {', '.join(OPTIM_PRESETS)}"
         )
     return dataclasses.replace(OPTIM_PRESETS[name])

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -15,11 +15,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LFMError(f"device {name!r} asked for but no CUDA GPU is visible", "use --device cpu")
+        raise LFMError(
+            f"device {shown(name)} asked for but no CUDA GPU is visible", "use --device cpu"
+        )
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise LFMError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from e
+        raise LFMError(f"unknown device {shown(name)}", "use auto, cpu, cuda or cuda:N") from e
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ class Registry(Generic[T]):
         """The factory filed under `name`, or an error that lists the known names."""
         if name not in self._items:
             known = ", ".join(sorted(self._items))
-            raise LFMError(f"unknown {self.kind} {name!r}", f"choose one of: {known}")
+            raise LFMError(f"unknown {self.kind} {shown(name)}", f"choose one of: {known}")
         return self._items[name]
 
     def create(self, name: str, *args, **kwargs) -> T:

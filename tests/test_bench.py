@@ -27,7 +27,9 @@ def _bench(out, suspects=False) -> BenchConfig:
     base = RunConfig(data=DataConfig("digits"), epochs=1, max_steps=3, progress=False)
     return BenchConfig(
         base=base,
-        methods=parse_method_specs(["ce", "small-loss", "bad"], ["bad=small-loss:rho=1.5"]),
+        methods=parse_method_specs(
+            ["ce", "small-loss", "bad"], ["bad=lfm:encoder_weights=missing.pt"]
+        ),
         settings=make_settings([1], ["none", "flip:0.4"]),
         seeds=[0],
         out=str(out),
@@ -47,7 +49,8 @@ def test_suite_runs_skips_completed_and_records_failures(tmp_path):
     for p in done:
         assert json.loads(p.read_text())["status"] == "complete"
     fail = json.loads((runs / "digits-imb1-flip0.4-bad-s0" / "failed.json").read_text())
-    assert fail["status"] == "failed" and "rho" in fail["error"]
+    # a run that fails in training (options are checked before the suite starts)
+    assert fail["status"] == "failed" and "missing.pt" in fail["error"]
     with open(out / "all_runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
@@ -75,7 +78,7 @@ def test_suite_runs_skips_completed_and_records_failures(tmp_path):
             "--methods",
             "ce,small-loss,bad",
             "--variant",
-            "bad=small-loss:rho=1.5",
+            "bad=lfm:encoder_weights=missing.pt",
             "--noise",
             "none,flip:0.4",
             "--epochs",
@@ -142,7 +145,7 @@ def test_table_from_rows_multi_learner_and_partial_failure():
     ]
     table = markdown_tables(rows)
     assert "| ce | 0.6000 ± 0.1414 |" in table
-    assert "| lfm W2 | **0.9000 ± 0.0000 (1/2 seeds)** |" in table
-    assert "| lfm W1 | 0.6000 ± 0.0000 (1/2 seeds) |" in table
+    assert "| lfm W2 | **0.9000 (1/2 seeds)** |" in table  # one seed: no spread shown
+    assert "| lfm W1 | 0.6000 (1/2 seeds) |" in table
     assert "| lfm | 0.5000 | 5.00 |" in table  # 5x the ce step on the same setting and seed
     assert "boom" in table

@@ -152,7 +152,7 @@ def test_registered_and_options_from_strings():
 def test_validate_names_the_bad_field(field, value):
     with pytest.raises(LFMError, match=field):
         LFMConfig(**{field: value}).validate()
-    with pytest.raises(LFMError, match="unknown lfm option"):
+    with pytest.raises(LFMError, match="unknown option"):
         LFMConfig.from_options({"b_learning_rate": 1})
 
 

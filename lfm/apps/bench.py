@@ -17,11 +17,12 @@ run is recorded and retried on the next invocation; an interrupted run resumes f
 checkpoint. Settings are imbalance x noise: the full product (``grid="product"``) or the paper's
 one-axis sweeps (``grid="sweep"``: each imbalance without noise, each noise balanced).
 
-Mean +- std: the standard deviation is the sample one (ddof = 1) over the completed seeds (0 with
-a single seed). Cost: seconds per iteration relative to ``ce`` on the same setting and seed,
-averaged; peak memory is the trainer's (CUDA: peak allocated, reset before each run; CPU: the
-process's resident high-water mark) and, on Linux, the peak growth of resident memory during
-the run sampled every 20 ms (``peak_rss_mb``: the CPU number that means something per run).
+Mean +- std: the standard deviation is the sample one (ddof = 1) over the completed seeds; a cell
+with a single seed shows its value and "(1 seed)", no spread. Cost: seconds per iteration relative
+to ``ce`` on the same setting and seed, averaged; peak memory is the trainer's (CUDA: peak
+allocated, reset before each run; CPU: the process's resident high-water mark) and, on Linux, the
+peak growth of resident memory during the run sampled every 20 ms (``peak_rss_mb``: the CPU number
+that means something per run).
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
 
     # Under torchrun every rank runs every training run (its part of each batch); rank 0 alone
     # logs and writes, and the suspects scoring (no collectives) runs on rank 0 only.
+    check_suite(cfg)  # a typo in the last method must not wait for the first one's training
     main = distributed.is_main()
     log = log if log and main else (lambda _line: None)
     suspects = cfg.suspects and main
@@ -277,6 +279,41 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
         f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; see {out}/table.md"
     )
     return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
+
+
+def check_suite(cfg: BenchConfig) -> None:
+    """Check every method, variant, setting and option of a suite; raise LFMError on the first.
+
+    Each (method, setting) cell's RunConfig is validated as its run would be, so an unknown
+    method, a bad option value or an impossible noise spec stops the suite before any training.
+
+    Example
+    -------
+    >>> check_suite(BenchConfig(RunConfig(), parse_method_specs(["ce", "mwn"]),
+    ...                         make_settings([1], ["none"]), [0], "bench/"))
+    Traceback (most recent call last):
+    lfm.errors.LFMError: unknown method 'mwn'. Fix: choose one of: ...
+    """
+    from lfm.methods import METHODS
+
+    if not cfg.seeds:
+        raise LFMError("the suite has no seeds", "pass --seeds 1 or more")
+    if not cfg.settings:
+        raise LFMError("the suite has no settings", "pass --imbalance and --noise values")
+    for spec in cfg.methods:
+        try:
+            METHODS.get(spec.method)
+        except LFMError as e:
+            where = f"--variant {spec.label}" if spec.label != spec.method else "--methods"
+            raise LFMError(f"{where}: {e.problem}", e.fix) from None
+    seed = cfg.seeds[0]
+    for setting in cfg.settings:
+        for spec in cfg.methods:
+            cell = run_config_for(cfg.base, spec, setting, seed, Path(cfg.out))
+            try:
+                cell.validate()
+            except LFMError as e:
+                raise LFMError(f"{spec.label} on {setting.name}: {e.problem}", e.fix) from None
 
 
 def _describe(cfg: BenchConfig) -> dict[str, Any]:
@@ -704,9 +741,13 @@ def metric_table(
             elif "mean" not in c:
                 line.append("failed" if c["failed"] else "–")  # – : not applicable
             else:
-                text = f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}"
+                text = f"{c['mean']:.{digits}f}"
+                if c["n"] > 1:  # one seed has no spread: a "± 0.0000" would claim one
+                    text += f" ± {c['std']:.{digits}f}"
                 if c["n"] < c["total"]:
                     text += f" ({c['n']}/{c['total']} seeds)"
+                elif c["n"] == 1:
+                    text += " (1 seed)"
                 line.append(f"**{text}**" if c["mean"] == best[s] else text)
         body.append(line)
     return ["method", *settings], body
@@ -750,7 +791,8 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     parts.append(
         f"Data: {', '.join(datasets)}; seeds: {', '.join(map(str, seeds))}. "
-        "Mean ± sample std over seeds; best mean per column in bold."
+        "Mean ± sample std over seeds (one seed: its value, no spread); "
+        "best mean per column in bold."
     )
     for metric, title in (
         ("test_last", "Test accuracy at the last epoch"),

@@ -53,6 +53,16 @@ def load_per_example(run_dir: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(run_dir) / "per_example.npz"
     if not path.is_file():
+        # `lfm dr --out X` and `lfm bench --out X` keep one run per sub-folder: point at them
+        runs = sorted(p.parent for p in Path(run_dir).glob("*/per_example.npz"))
+        runs = runs or sorted(p.parent for p in Path(run_dir).glob("runs/*/per_example.npz"))
+        if runs:
+            pick = next((r for r in runs if r.name == "lfm"), runs[-1])
+            others = ", ".join(str(r) for r in runs[:5]) + (", ..." if len(runs) > 5 else "")
+            raise LFMError(
+                f"{Path(run_dir)} holds several runs, one per sub-folder ({others})",
+                f"pass one of them, e.g. `lfm suspects {pick}`",
+            )
         raise LFMError(f"{path} does not exist", "pass a run folder written by `lfm train --out`")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -75,6 +85,57 @@ def weight_key(arrays: dict[str, np.ndarray], key: str | None = None) -> str:
     raise LFMError(
         f"no per-example weight {'named ' + repr(key) if key else 'array'} in this run",
         f"pick one with --key from: {', '.join(per_example)} (plain methods learn no weights)",
+    )
+
+
+def signal_key(run_dir: str | Path) -> str | None:
+    """The array the run's method documents as its noisy-label signal, or None to use the default.
+
+    An LFM-DR run ranks by its variant's `SIGNAL_KEY` (`a` for `paper`, whose `b` ranks noisy
+    examples up; `b` for `w1-val`); `lfm-sn` learns no `b`. Other methods: None (`weight`).
+
+    Example
+    -------
+    >>> signal_key("runs/x/lfm")  # an `lfm dr --variant paper` run
+    'a'
+    """
+    results = Path(run_dir) / "results.json"
+    try:
+        cfg = json.loads(results.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    method = cfg.get("method")
+    if method == "lfm-sn":
+        return "a"
+    if method != "lfm":
+        return None
+    from lfm.methods.lfm_dr import SIGNAL_KEY, LFMConfig
+
+    try:
+        variant = LFMConfig.from_options(cfg.get("method_options") or {}).variant
+    except LFMError:
+        return None
+    return SIGNAL_KEY.get(variant)
+
+
+def worse_than_chance(metrics: dict[str, Any], others: dict[str, float | None]) -> str | None:
+    """One line when the ranking's AUROC is below 0.5, naming the other key(s) to try.
+
+    Example
+    -------
+    >>> worse_than_chance({"auroc": 0.377, "key": "b"}, {"a": 0.84})
+    'AUROC of b is 0.377, below 0.5: ... try --key a (AUROC 0.840)'
+    """
+    auroc = metrics.get("auroc")
+    if auroc is None or auroc >= 0.5:
+        return None
+    tries = ", ".join(
+        f"--key {k}" + (f" (AUROC {v:.3f})" if v is not None else "") for k, v in others.items()
+    )
+    return (
+        f"AUROC of {metrics['key']} is {auroc:.3f}, below 0.5: low {metrics['key']} marks clean "
+        f"examples more than noisy ones, so this ranking is worse than chance"
+        + (f"; try {tries}" if tries else "")
     )
 
 
@@ -223,6 +284,9 @@ def suspects_table(
     >>> rows[0]["rank"], metrics["auroc"]
     """
     arrays = load_per_example(run_dir)
+    if key is None:
+        default = signal_key(run_dir)
+        key = default if default in arrays else None
     k = weight_key(arrays, key)
     w = arrays[k].astype(np.float64)
     order = suspicion_order(w)
@@ -258,6 +322,15 @@ def suspects_table(
     if has_truth:
         metrics = detection_metrics(w, arrays["noisy"])
         metrics["key"] = k
+        n = len(w)
+        others = {
+            o: detection_metrics(arrays[o], arrays["noisy"], ks=())["auroc"]
+            for o in WEIGHT_KEYS
+            if o != k and o in arrays and arrays[o].ndim == 1 and len(arrays[o]) == n
+        }
+        warning = worse_than_chance(metrics, others)
+        if warning:
+            metrics["warning"] = warning
         if change is not None:
             metrics["auroc_change"] = detection_metrics(change, arrays["noisy"], ks=())["auroc"]
     return rows, metrics

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from lfm.config import RunConfig, from_dict, load_yaml, optim_preset
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 # flag dest -> (section, field) in RunConfig
 _DATA = {
@@ -69,7 +69,7 @@ def parse_options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise LFMError(f"{flag} {pair!r} is not KEY=VALUE", f"write e.g. {flag} gamma=2")
+            raise LFMError(f"{flag} {shown(pair)} is not KEY=VALUE", f"write e.g. {flag} gamma=2")
         out[key.strip().replace("-", "_")] = parse_value(value)
     return out
 
@@ -183,8 +183,14 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
     g.add_argument("--config", help="YAML file with the same settings (flags given win)")
 
 
-def run_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> RunConfig:
-    """Merge command defaults, the YAML file and the flags into a validated RunConfig."""
+def run_config(
+    args: argparse.Namespace, defaults: dict[str, Any] | None = None, check_options: bool = True
+) -> RunConfig:
+    """Merge command defaults, the YAML file and the flags into a validated RunConfig.
+
+    check_options: also check `method_options` against the method (False when they belong to
+    other methods, e.g. a bench suite's base or the baselines of `lfm dr`).
+    """
     tree: dict[str, Any] = {"data": {}, "model": {}, "optim": {}}
     _merge(tree, defaults or {})
     if getattr(args, "config", None):
@@ -225,7 +231,7 @@ def run_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None)
     if "optim" in tree and isinstance(tree["optim"].get("milestones"), list):
         tree["optim"]["milestones"] = tuple(tree["optim"]["milestones"])
     cfg = from_dict(RunConfig, tree)
-    cfg.validate()
+    cfg.validate(options=check_options)
     return cfg
 
 

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the suite and print its table."""
     from lfm.apps.bench import BenchConfig, make_settings, parse_method_specs, run_suite
 
-    base = run_config(args, defaults={"progress": False})
+    # --opt applies to every method of the suite: `check_suite` checks it against each one
+    base = run_config(args, defaults={"progress": False}, check_options=False)
     seeds = [base.seed + i for i in range(max(1, args.seeds))]
     cfg = BenchConfig(
         base=base,

@@ -17,12 +17,41 @@ from lfm.train.trainer import train
 HELP = "reweight training data with LFM-DR and compare it with plain cross-entropy"
 
 
+# What the table's two LFM rows are (Algorithm 1): without it "W1" and "W2" mean nothing.
+LEARNERS = (
+    "W1: LFM-DR's first learner, trained on the b-weighted training loss (stage 1: learn); "
+    "W2: the second, trained on the a-weighted loss, a_i from W1's validation mistakes "
+    "(stage 2: relearn). Both are scored on the same test set."
+)
+
+
+def setting_line(results: dict, protocol: str) -> str:
+    """One line naming the data, corruption, validation set, model and budget of the runs."""
+    info, cfg = results.get("data", {}), results.get("config", {})
+    sizes = info.get("sizes", {})
+    split = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    if info.get("val_fraction"):
+        val = f"validation {info['val_fraction']:g} of train"
+    else:
+        val = f"validation {info.get('val_per_class')} per class"
+    noise = info.get("noise", "none")
+    rate = info.get("noise_rate")
+    noise += f" ({rate:.1%} of train labels wrong)" if rate else ""
+    epochs = cfg.get("epochs")
+    return (
+        f"setting ({protocol}): {info.get('dataset', results.get('dataset'))} ({split}); "
+        f"noise {noise}; imbalance {info.get('imbalance', 1):g}; {val}; "
+        f"model {cfg.get('model', {}).get('name')}; {epochs} epoch{'' if epochs == 1 else 's'}, "
+        f"batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `lfm dr`."""
     p = sub.add_parser(
         "dr",
         help=HELP,
-        description=HELP + ". With no options: digits with 40%% flip noise and imbalance 5, "
+        description=HELP + ". With no options: digits with 40% flip noise and imbalance 5, "
         "an MLP, LFM-DR beside cross-entropy.",
     )
     p.add_argument(
@@ -71,19 +100,26 @@ def run(args: argparse.Namespace) -> int:
     methods = [m for m in args.compare.split(",") if m] + ["lfm"]
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
-    all_results = []
+    # Every run's configuration (and lfm's options) is checked before the first one trains.
+    # --opt and YAML method options are LFM's: the baselines get none.
+    bare = argparse.Namespace(**{**vars(args), "opt": None})
+    cfgs = []
     for m in methods:
-        cfg = run_config(args, {**base, "method": m})
         if m == "lfm":
-            cfg.method_options = {**lfm_opts, **cfg.method_options}
-        elif lfm_opts or cfg.method_options:
-            cfg.method_options = {}  # LFM options mean nothing to the baselines
+            cfg = run_config(args, {**base, "method": m, "method_options": lfm_opts})
+        else:
+            cfg = run_config(bare, {**base, "method": m}, check_options=False)
+            cfg.method_options = {}
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
-        all_results.append(train(cfg))  # results name the variant: lfm[w1-val]
+        cfgs.append(cfg)
+    all_results = [train(cfg) for cfg in cfgs]  # results name the variant: lfm[w1-val]
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
+    print(setting_line(all_results[-1], args.protocol))
     print(runs_table(all_results))
+    print(LEARNERS)
     if args.out:
-        print(f"runs written to {args.out}/<method>/ (results.json, per_example.npz with b and a)")
+        where = Path(args.out) / "<method>"
+        print(f"runs written to {where}/ (results.json, per_example.npz with b and a)")
     return 0

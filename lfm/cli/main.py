@@ -44,8 +44,32 @@ def _where() -> str:
     return f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
 
 
+def interrupted_advice(args: argparse.Namespace) -> str:
+    """What re-running does after Ctrl-C: resume only where a checkpoint exists to resume from."""
+    from pathlib import Path
+
+    from lfm.train.trainer import RUN_FOLDERS
+
+    folders = [Path(f) for f in RUN_FOLDERS]
+    folders += [Path(v) for k in ("out", "suite_out") if (v := getattr(args, k, None))]
+    saved = any(next(f.rglob("ckpt-*.pt"), None) is not None for f in folders if f.is_dir())
+    if saved and getattr(args, "no_resume", False):
+        return (
+            "interrupted; re-running with --no-resume starts over, without it the run resumes "
+            "from the last checkpoint"
+        )
+    if saved:
+        return "interrupted; re-run the same command to resume from the last checkpoint"
+    if not folders:
+        return "interrupted; nothing was saved (no --out), so re-running starts over"
+    return "interrupted before the first checkpoint was written; re-running starts over"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; user errors print one line and exit with code 2."""
+    trainer = sys.modules.get("lfm.train.trainer")
+    if trainer is not None:  # an earlier command in this process (tests, notebooks)
+        trainer.RUN_FOLDERS.clear()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -62,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm: error{_where()}: {OOM_ADVICE}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "lfm: interrupted; re-run the same command to resume from the last checkpoint",
-            file=sys.stderr,
-        )
+        print(f"lfm: {interrupted_advice(args)}", file=sys.stderr)
         return 130
 
 

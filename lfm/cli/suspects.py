@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 HELP = "rank a run's training examples by learned weight and score the ranking against known noise"
 
@@ -26,7 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "run_dir", metavar="RUN_DIR", help="a run folder (results.json, per_example.npz)"
     )
-    p.add_argument("--key", help="per-example array to rank by (default: weight, else b, else a)")
+    p.add_argument(
+        "--key",
+        help="per-example array to rank by (default: the one the run's method documents as its "
+        "signal: an LFM-DR variant's a or b, see SIGNAL_KEY in lfm/methods/lfm_dr.py; else "
+        "weight, b, a)",
+    )
     p.add_argument(
         "--learner", help="learner whose predictions fill predicted_label (default: last)"
     )
@@ -74,12 +80,15 @@ def run(args: argparse.Namespace) -> int:
                 f"{r[c]:>15.4g}" if isinstance(r[c], float) else f"{r[c]!s:>15}" for c in cols
             )
         )
-    print(f"{len(rows)} examples ranked; written to {args.run_dir}/{SUSPECTS_CSV}")
+    print(f"{len(rows)} examples ranked; written to {Path(args.run_dir) / SUSPECTS_CSV}")
     for name, m in report.items():
         if m is None:
             print(f"{name}: the noisy-label mask is unknown for this data, so no AUROC")
             continue
         pk = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("precision@"))
         auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.4f}"
-        print(f"{name}: AUROC {auroc}; {pk} ({m['n_noisy']} noisy of {m['n']})")
+        by = f" by {m['key']}" if "key" in m else ""
+        print(f"{name}{by}: AUROC {auroc}; {pk} ({m['n_noisy']} noisy of {m['n']})")
+        if m.get("warning"):
+            print(f"warning: {m['warning']}")
     return 0

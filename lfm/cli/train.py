@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
@@ -37,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(results, indent=1) if args.json else runs_table([results]))
     if cfg.out:
-        print(f"results written to {cfg.out}/results.json")
+        print(f"results written to {Path(cfg.out) / 'results.json'}")
     return 0

@@ -72,7 +72,8 @@ class ImagePrepare:
 
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Convert a raw (N, C, H, W) batch on its device; `train=True` adds random crop + flip."""
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        dtype = torch.get_default_dtype()  # the model's: float32, or float64 when set so
+        x = x.to(dtype) / 255.0 if x.dtype == torch.uint8 else x.to(dtype)
         if train and self.augment:
             x = random_crop_flip(x, self.pad)  # before normalising: pads are black, not mean-grey
         if x.device not in self._stats:

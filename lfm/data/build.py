@@ -15,6 +15,8 @@ noise does not change which examples form the validation set.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lfm.data import cifar, imagefolder  # noqa: F401  (registers cifar10/100 and imagefolder)
@@ -27,6 +29,31 @@ from lfm.data.types import DataBundle, Split
 from lfm.errors import LFMError
 
 __all__ = ["DATASETS", "build_data"]
+
+
+def _name_the_val_set(
+    e: LFMError, cfg: DataConfig, y_src: torch.Tensor, c: int, img_max: int
+) -> LFMError:
+    """An empty tail class caused (partly) by the validation set says which option to change.
+
+    Under the mwnet convention the head class keeps what the validation set left of the
+    smallest class, so a large --val-per-class, not --imbalance, is often the thing to change.
+    """
+    if cfg.imbalance_convention != "mwnet" or (cfg.val_fraction == 0 and cfg.val_per_class == 0):
+        return e  # the cb convention's head class is a constant: the validation set is not it
+    smallest = int(torch.bincount(y_src, minlength=c).min())
+    if cfg.val_fraction > 0:
+        took = f"--val-fraction {cfg.val_fraction:g}"
+        change = "a smaller --val-fraction"
+    else:
+        took = f"--val-per-class {cfg.val_per_class}"
+        # the head class needs at least `imbalance` examples for the tail to keep one
+        most = smallest - math.ceil(cfg.imbalance)
+        change = f"--val-per-class {most} or less" if most >= 1 else "a smaller --val-per-class"
+    return LFMError(
+        f"{e.problem}: {took} left the smallest class {img_max} of its {smallest} examples",
+        f"pass {change}, or an --imbalance below {img_max}",
+    )
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
@@ -74,7 +101,10 @@ def build_data(cfg: DataConfig) -> DataBundle:
                 "use a smaller --val-per-class or --val-fraction",
             )
         img_max = img_max_for(cfg.imbalance_convention, available)
-        counts = longtail_counts_for(available, cfg.imbalance, cfg.imbalance_convention)
+        try:
+            counts = longtail_counts_for(available, cfg.imbalance, cfg.imbalance_convention)
+        except LFMError as e:
+            raise _name_the_val_set(e, cfg, y_src, c, img_max) from None
         keep = subsample_longtail(y_src[rest], counts, derive_seed(cfg.seed, "longtail"))
         rest = rest[keep]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 IMBALANCE_CONVENTIONS = ("mwnet", "cb")
 LABEL_SOURCES = ("folder", "filename")
@@ -60,7 +60,7 @@ class DataConfig:
 
         if not isinstance(self.dataset, str) or self.dataset not in DATASETS:
             raise LFMError(
-                f"unknown dataset {self.dataset!r}",
+                f"unknown dataset {shown(self.dataset)}",
                 f"pass {flag('dataset')} one of: {', '.join(DATASETS.names())}",
             )
         if self.dataset in NEEDS_ROOT and not self.root:
@@ -79,7 +79,9 @@ class DataConfig:
         _float(self, "imbalance", lo=1.0)
         _choice(self, "imbalance_convention", IMBALANCE_CONVENTIONS)
         if not isinstance(self.noise, str):
-            raise LFMError(f"noise must be a string, got {self.noise!r}", "e.g. --noise flip:0.4")
+            raise LFMError(
+                f"noise must be a string, got {shown(self.noise)}", "e.g. --noise flip:0.4"
+            )
         parse_noise(self.noise)
         _int(self, "seed")
         _float(self, "test_fraction", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -87,7 +89,7 @@ class DataConfig:
         _int(self, "image_size", lo=1)
         if not isinstance(self.augment, bool):
             raise LFMError(
-                f"augment must be true or false, got {self.augment!r}", "write true or false"
+                f"augment must be true or false, got {shown(self.augment)}", "write true or false"
             )
         _choice(self, "label_from", LABEL_SOURCES)
         return self
@@ -101,7 +103,7 @@ def _int(cfg: DataConfig, name: str, lo: int | None = None) -> None:
     v = getattr(cfg, name)
     # bool is an int in python; a `True` here is a typo, not a count.
     if isinstance(v, bool) or not isinstance(v, int):
-        raise LFMError(f"{name} must be an integer, got {v!r}", f"pass {flag(name)} N")
+        raise LFMError(f"{name} must be an integer, got {shown(v)}", f"pass {flag(name)} N")
     if lo is not None and v < lo:
         raise LFMError(f"{name} must be >= {lo}, got {v}", f"pass {flag(name)} {lo} or more")
 
@@ -116,7 +118,7 @@ def _float(
 ) -> None:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise LFMError(f"{name} must be a finite number, got {v!r}", f"pass {flag(name)} X")
+        raise LFMError(f"{name} must be a finite number, got {shown(v)}", f"pass {flag(name)} X")
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
@@ -129,4 +131,6 @@ def _float(
 def _choice(cfg: DataConfig, name: str, choices: tuple[str, ...]) -> None:
     v = getattr(cfg, name)
     if v not in choices:
-        raise LFMError(f"unknown {name} {v!r}", f"pass {flag(name)} one of: {', '.join(choices)}")
+        raise LFMError(
+            f"unknown {name} {shown(v)}", f"pass {flag(name)} one of: {', '.join(choices)}"
+        )

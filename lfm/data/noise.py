@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lfm.data.splits import as_labels, seeded_generator
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 RATE_KINDS = ("uniform", "uniform-exact", "flip", "flip2")
 KINDS = ("none", *RATE_KINDS, "matrix")
@@ -60,7 +60,7 @@ def parse_noise(spec: str | NoiseSpec) -> NoiseSpec:
     kind, sep, arg = s.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS or not sep:
-        raise LFMError(f"cannot read noise spec {spec!r}", f"use one of: {_EXAMPLES}")
+        raise LFMError(f"cannot read noise spec {shown(spec)}", f"use one of: {_EXAMPLES}")
     if kind == "matrix":
         path = arg.strip()
         return NoiseSpec("matrix", matrix=load_transition_matrix(path), path=path)
@@ -68,11 +68,11 @@ def parse_noise(spec: str | NoiseSpec) -> NoiseSpec:
         rate = float(arg)
     except ValueError:
         raise LFMError(
-            f"noise rate {arg!r} in {spec!r} is not a number", f"e.g. {kind}:0.4"
+            f"noise rate {shown(arg)} in {shown(spec)} is not a number", f"e.g. {kind}:0.4"
         ) from None
     if not 0.0 <= rate <= 1.0:
         raise LFMError(
-            f"noise rate {rate} in {spec!r} is outside [0, 1]",
+            f"noise rate {rate} in {shown(spec)} is outside [0, 1]",
             f"give a probability, e.g. {kind}:0.4 for 40%",
         )
     return NoiseSpec(kind, rate=rate)
@@ -82,7 +82,9 @@ def load_transition_matrix(path: str) -> np.ndarray:
     """Read and check a C x C row-stochastic matrix from a .npy or .csv file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise LFMError(f"noise matrix file {str(p)!r} not found", "pass matrix:PATH to a .npy/.csv")
+        raise LFMError(
+            f"noise matrix file {shown(str(p))} not found", "pass matrix:PATH to a .npy/.csv"
+        )
     try:
         if p.suffix.lower() == ".npy":
             m = np.load(p, allow_pickle=False)  # no pickles: a matrix file must not run code

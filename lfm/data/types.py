@@ -79,7 +79,8 @@ class DataBundle:
         """Raw stored examples -> float model input (normalised, augmented when training)."""
         if self.prepare is not None:
             return self.prepare(x, train)
-        return x.float()
+        # the default dtype is the model's (float32, or float64 under torch.set_default_dtype)
+        return x.to(torch.get_default_dtype())
 
 
 @dataclass

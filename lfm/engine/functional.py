@@ -45,11 +45,14 @@ def forward(
     return functional_call(module, (params, buffers), (x,), strict=False)
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """`t` in fp32 when it is fp16 / bf16 (autocast output); fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def per_example_ce(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy of each example, (B,), computed in at least fp32."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, y, reduction="none")
+    return F.cross_entropy(at_least_fp32(logits), y, reduction="none")
 
 
 def losses(

@@ -19,6 +19,7 @@ from torch import nn
 
 from lfm.data.types import Batch, DataBundle, Stream
 from lfm.engine.virtual import VirtualOptimizer, virtual_from_config
+from lfm.errors import LFMError
 from lfm.registry import Registry
 from lfm.train.optim import OptimConfig, make_optimizer
 
@@ -54,6 +55,16 @@ class Context:
     precision: str = "fp32"  # fp32 | bf16: the trainer runs `step` under bf16 autocast
     compile: bool = False  # plain methods: torch.compile the model's forward
     source: LearnerSource | None = None  # the user's own learners and optimizers (lfm.Reweighter)
+
+    def __post_init__(self) -> None:
+        # A module here would be *called* as the factory, failing with `forward() missing 'x'`.
+        if isinstance(self.new_model, nn.Module):
+            name = type(self.new_model).__name__
+            raise LFMError(
+                f"Context.new_model is a {name} instance, but a function that builds a fresh "
+                "model is expected (each learner needs its own)",
+                f"pass new_model=lambda: {name}(...).to(device) instead of the instance",
+            )
 
     def lr_at(self, base_lr: float) -> float:
         """`base_lr` under the run's schedule at the current step."""

@@ -25,6 +25,11 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
                  paper). If it matches `w1-val`, the gain comes from this L2RW-like term and not
                  from learning from W2's relearning.
 
+Which per-example array flags wrong labels (`SIGNAL_KEY`, the default of `lfm suspects`): `b` for
+`w1-val` and `w1-val-only` (AUROC 0.92 on MNIST-1D, docs/RESULTS.md); `a` for the others, whose
+`b` ranks noisy examples *up* (`paper` 0.32, `authors-code` 0.40) or is frozen (`a-only`),
+while the last `a` is a label-consistency filter (AUROC 0.79-0.85).
+
 Encoders (`LFMConfig.encoder`): `full` (a network trained in stage 3: a fresh body of the
 learner's architecture, or `encoder_model` from the model registry, optionally loaded from a
 local `encoder_weights` file), `head` (that network frozen, features cached per example, a
@@ -100,8 +105,9 @@ from lfm.engine.trilevel import (
     validate,
 )
 from lfm.engine.virtual import EntryOptimizer, VirtualSGD
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.options import METHOD_CHECKS, Opt, check_options
 from lfm.reweight.encoder import ENCODER_MODES, FullEncoder, HeadEncoder
 from lfm.reweight.function import B_MODES, SIMILARITIES
 from lfm.train import distributed
@@ -121,6 +127,15 @@ OPTIMS = ("adam", "sgd")
 # noise and imbalance 50, 3 seeds), where it ties with its control w1-val-only and beats the
 # faithful `paper` form; `preset=paper` runs the paper's.
 RECOMMENDED = "w1-val"
+# variant -> the per-example array that ranks noisy labels low (module docstring, RESULTS.md)
+SIGNAL_KEY: dict[str, str] = {
+    "paper": "a",
+    "authors-code": "a",
+    "a-normalised": "a",
+    "a-only": "a",
+    "w1-val": "b",
+    "w1-val-only": "b",
+}
 
 
 @dataclass
@@ -160,22 +175,14 @@ class LFMConfig:
         """Raise LFMError naming the first bad field."""
 
         def bad(name: str, allowed) -> LFMError:
-            return LFMError(f"lfm.{name} is {getattr(self, name)!r}", f"use one of {allowed}")
+            return LFMError(
+                f"lfm.{name} is {shown(getattr(self, name))}", f"use one of {', '.join(allowed)}"
+            )
 
-        choices = {
-            "variant": tuple(VARIANTS),
-            "backend": tuple(BACKENDS.names()),
-            "b_mode": B_MODES,
-            "b_optim": OPTIMS,
-            "r_optim": OPTIMS,
-            "v_optim": OPTIMS,
-            "similarity": SIMILARITIES,
-            "encoder": ENCODER_MODES,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in _choice_fields().items():
             if getattr(self, name) not in allowed:
                 raise bad(name, allowed)
-        for name in ("b_lr", "r_lr", "v_lr", "temperature", "own_grad_clip"):
+        for name in _POSITIVE:
             if not getattr(self, name) > 0:
                 raise LFMError(
                     f"lfm.{name} must be > 0, got {getattr(self, name)}", "pass a positive number"
@@ -225,41 +232,64 @@ class LFMConfig:
 
         Values may be strings (from the command line); they are parsed by the field's type.
         """
-        opts = dict(options)
-        name = opts.pop("preset", RECOMMENDED)
-        if name not in PRESETS:
-            raise LFMError(f"unknown lfm preset {name!r}", f"choose one of {sorted(PRESETS)}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise LFMError(
-                f"unknown lfm option(s) {', '.join(unknown)}",
-                f"known options: preset, {', '.join(known)}",
-            )
-        parsed = {k: _parse(k, str(known[k].type), v) for k, v in opts.items()}
+        parsed = check_options("lfm", dict(options), lfm_option_specs(), fill=False)
+        name = parsed.pop("preset", RECOMMENDED)
         cfg = replace(PRESETS[name], **parsed)
         cfg.validate()
         return cfg
 
 
-def _parse(name: str, typ: str, v: Any) -> Any:
-    """Parse a command-line string by the field's annotation."""
-    if not isinstance(v, str):
-        return v
-    if "None" in typ and v.lower() in ("none", "null", ""):
-        return None
-    try:
-        if typ.startswith("bool"):
-            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(v)
-            return v.lower() in ("true", "1", "yes")
-        if typ.startswith("float"):
-            return float(v)
-        if typ.startswith("int"):
-            return int(v)
-    except ValueError as e:
-        raise LFMError(f"lfm.{name} got {v!r}, which is not a {typ}", "fix the value") from e
-    return v
+def _choice_fields() -> dict[str, tuple[str, ...]]:
+    """The `LFMConfig` fields that name one of a few choices, with those choices."""
+    return {
+        "variant": tuple(VARIANTS),
+        "backend": tuple(BACKENDS.names()),
+        "b_mode": tuple(B_MODES),
+        "b_optim": OPTIMS,
+        "r_optim": OPTIMS,
+        "v_optim": OPTIMS,
+        "similarity": tuple(SIMILARITIES),
+        "encoder": tuple(ENCODER_MODES),
+    }
+
+
+# Ranges the fields' formulas need, shared by `--opt` parsing and `LFMConfig.validate`.
+_POSITIVE = ("b_lr", "r_lr", "v_lr", "temperature", "own_grad_clip")
+
+
+def lfm_option_specs() -> dict[str, Opt]:
+    """Every `--opt` key of `lfm` / `lfm-sn`: `preset`, then one per `LFMConfig` field.
+
+    Example
+    -------
+    >>> lfm_option_specs()["b_lr"].wants()
+    'a number > 0'
+    """
+    paper = LFMConfig()
+    choices = _choice_fields()
+    specs: dict[str, Opt] = {"preset": Opt("choice", "paper", choices=tuple(PRESETS))}
+    for f in fields(LFMConfig):
+        default = getattr(paper, f.name)
+        if f.name in choices:
+            spec = Opt("choice", default, choices=tuple(choices[f.name]))
+        elif f.name in _POSITIVE:
+            spec = Opt("float", default, lo=0.0, lo_open=True)
+        elif f.name == "val_bank":
+            spec = Opt("int", default, lo=0)
+        elif f.name == "w1_val_weight":
+            spec = Opt("float", default, lo=0.0)
+        elif f.name == "sn_warmup":
+            spec = Opt("float", default, lo=0.0, hi=1.0, hi_open=True)
+        elif f.name == "encoder_dim":
+            spec = Opt("int", default, lo=1, none_ok=True)
+        elif f.name in ("b_init", "r_init"):
+            spec = Opt("float", default, none_ok=f.name == "b_init")
+        elif isinstance(default, bool):
+            spec = Opt("bool", default)
+        else:  # encoder_model, encoder_weights: a registry name or a path, or none
+            spec = Opt("str", default, none_ok=True)
+        specs[f.name] = spec
+    return specs
 
 
 PRESETS: dict[str, LFMConfig] = {
@@ -688,3 +718,7 @@ METHODS.register("lfm", "Learning From Mistakes data reweighting (two learners, 
     LFMDR
 )
 METHODS.register("lfm-sn", "LFM single network: train, reweight, retrain (paper Table IV)")(LFMSN)
+
+# `lfm` and `lfm-sn` read the same options: a preset, then fields (checked before any training)
+METHOD_CHECKS["lfm"] = LFMConfig.from_options
+METHOD_CHECKS["lfm-sn"] = LFMConfig.from_options

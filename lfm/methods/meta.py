@@ -10,8 +10,11 @@ method (same data, model, schedule, evaluation).
   w = max(-grad_eps, 0) / sum (all zero stays zero), then a real step on sum_i w_i l_i.
 - ``mwnet``: Shu et al., "Meta-Weight-Net: Learning an Explicit Mapping For Sample Weighting",
   NeurIPS 2019. An MLP 1 -> 100 -> 1 (ReLU, sigmoid) maps each example's loss to its weight;
-  the MLP is trained (Adam 1e-3, weight decay 1e-4, as published) on the clean loss after a
-  virtual step, then the classifier takes a real step with the updated MLP's (detached) weights.
+  the MLP is trained on the clean loss after a virtual step, then the classifier takes a real
+  step with the updated MLP's (detached) weights. The MLP's optimizer is an option: Adam 1e-3,
+  weight decay 1e-4 by default (``MW-Net.py``'s), or SGD with momentum / Nesterov (the 2019
+  script's); ``preset=official-2019`` and ``preset=official-mwnet-py`` reproduce each official
+  script's meta-net optimizer, normalisation and virtual step (`MWNET_PRESETS`).
 
 Exact and cheap meta-gradients
 ------------------------------
@@ -39,6 +42,10 @@ What the published code does (and what we do)
   when the sum is nonzero (``norm_c = torch.sum(v_lambda); if norm_c != 0: v_lambda / norm_c``),
   in both the virtual and the real step; the current ``MW-Net.py`` instead averages
   (``sum(cost * w) / len(cost)``). ``normalize=true`` (default) is the former, ``false`` the latter.
+- Meta-net optimizer: the 2019 script (``train_WRN-28-10_Meta_PGC.py``) trains the MLP with
+  SGD (lr 1e-3, momentum 0.9, Nesterov, weight decay 5e-4), ``MW-Net.py`` with Adam (lr 1e-3,
+  weight decay 1e-4). Our default pairs the 2019 normalisation with ``MW-Net.py``'s Adam and the
+  real optimizer's virtual step, which matches neither script; the two ``preset`` names do.
 - The clean batch is drawn with training augmentation (as MW-Net's meta loader does).
 - The classifier's optimizer is SGD in the published protocols; Adam works too. The real update
   is the virtual optimizer's own step (`VirtualSGD` / `VirtualAdam`), the same function the
@@ -64,6 +71,13 @@ from lfm.engine.hypergrad import loss_jvp
 from lfm.engine.virtual import VirtualOptimizer, VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.options import (
+    METHOD_CHECKS,
+    Opt,
+    check_method_options,
+    check_options,
+    register_options,
+)
 from lfm.models.base import batchnorm_batch_stats
 from lfm.train import distributed
 from lfm.train.distributed import Part
@@ -72,45 +86,8 @@ VIRTUAL_STEPS = ("optimizer", "sgd")
 
 
 # -- shared pieces ------------------------------------------------------------------------------
-def method_options(name: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """`defaults` overridden by `given`; an unknown key is an LFMError listing the valid ones.
-
-    Parameters
-    ----------
-    name : str
-        The method's registry name (for the message).
-    given : dict
-        Options from ``RunConfig.method_options`` (``--opt KEY=VALUE``).
-    defaults : dict
-        Every valid key with its default.
-
-    Returns
-    -------
-    dict
-        The merged options.
-
-    Example
-    -------
-    >>> method_options("mwnet", {"hidden": 50}, {"hidden": 100, "normalize": True})
-    {'hidden': 50, 'normalize': True}
-    """
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"
-        raise LFMError(
-            f"method {name!r} got unknown option(s) {', '.join(unknown)}",
-            f"its options (with defaults) are: {valid}",
-        )
-    return {**defaults, **given}
-
-
-def _virtual_opt(real: VirtualOptimizer, kind: str, name: str) -> VirtualOptimizer:
+def _virtual_opt(real: VirtualOptimizer, kind: str) -> VirtualOptimizer:
     """The optimizer the virtual step uses: the real one, or plain SGD as the releases do."""
-    if kind not in VIRTUAL_STEPS:
-        raise LFMError(
-            f"method {name!r}: option virtual={kind!r} is unknown",
-            f"use one of {', '.join(VIRTUAL_STEPS)}",
-        )
     return real if kind == "optimizer" else VirtualSGD()
 
 
@@ -355,17 +332,16 @@ def mwnet_meta_grad(
 class _OneLearnerMeta(Method):
     """What L2RW and MW-Net share: one classifier stepped by its virtual optimizer, weights."""
 
-    defaults: dict[str, Any] = {"virtual": "optimizer"}
-
     def setup(self, ctx: Context) -> None:
         """The classifier, its optimizer (as a pure function) and the per-example records."""
-        self.opts = method_options(self.name, dict(ctx.options), self.defaults)
+        self.opts = check_method_options(self.name, ctx.options)
         self.model = ctx.learner("W1")
         self.real = ctx.virtual_optimizer("W1", self.model, who=f"{self.name} classifier")
-        self.virtual = _virtual_opt(self.real, str(self.opts["virtual"]), self.name)
+        self.virtual = _virtual_opt(self.real, str(self.opts["virtual"]))
         n = len(ctx.bundle.train)
-        # NaN = never weighted yet, so a report can tell "unseen" from "weighted 0".
-        self.last_weight = torch.full((n,), float("nan"))
+        # NaN = never weighted yet, so a report can tell "unseen" from "weighted 0". float32
+        # whatever the default dtype: weights are records, and checkpoints keep one dtype.
+        self.last_weight = torch.full((n,), float("nan"), dtype=torch.float32)
         self.history: list[Tensor] = []
 
     def _real_step(
@@ -469,29 +445,21 @@ class L2RW(_OneLearnerMeta):
 class MetaWeightNet(_OneLearnerMeta):
     """Meta-Weight-Net: an MLP from loss to weight, trained on the one-step clean loss.
 
-    Options: ``hidden`` (100), ``meta_lr`` (1e-3), ``meta_wd`` (1e-4), ``normalize`` (true: divide
-    by the batch sum as the original code), ``virtual`` (optimizer | sgd).
-    ``per_example()['weight']`` is the MLP's output in (0, 1) for the example's last visit.
+    Options: ``preset`` (default | official-2019 | official-mwnet-py, see `MWNET_PRESETS`),
+    ``hidden`` (100), ``meta_optim`` (adam | sgd), ``meta_lr`` (1e-3), ``meta_wd`` (1e-4),
+    ``meta_momentum`` and ``meta_nesterov`` (sgd only), ``normalize`` (true: divide by the
+    batch sum as the original code), ``virtual`` (optimizer | sgd); options given override the
+    preset's. ``per_example()['weight']`` is the MLP's output in (0, 1) for the example's last
+    visit.
     """
 
     name = "mwnet"
-    defaults = {
-        "virtual": "optimizer",
-        "hidden": 100,
-        "meta_lr": 1e-3,
-        "meta_wd": 1e-4,
-        "normalize": True,
-    }
 
     def setup(self, ctx: Context) -> None:
-        """Classifier as in L2RW, plus the weighting MLP and its Adam optimizer."""
+        """Classifier as in L2RW, plus the weighting MLP and its optimizer (Adam or SGD)."""
         super().setup(ctx)
         self.wnet = WeightNet(int(self.opts["hidden"])).to(ctx.device)
-        self.wopt = torch.optim.Adam(
-            self.wnet.parameters(),
-            lr=float(self.opts["meta_lr"]),
-            weight_decay=float(self.opts["meta_wd"]),
-        )
+        self.wopt = meta_optimizer(self.wnet.parameters(), self.opts)
         self.normalize = bool(self.opts["normalize"])
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
@@ -557,3 +525,95 @@ METHODS.register("l2rw", "Learning to Reweight (Ren et al. 2018): one-step meta-
 METHODS.register("mwnet", "Meta-Weight-Net (Shu et al. 2019): an MLP maps loss to weight")(
     MetaWeightNet
 )
+
+
+# -- options --------------------------------------------------------------------------------------
+def meta_optimizer(params: Any, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    """MW-Net's weighting-MLP optimizer from its options: Adam, or SGD with momentum / Nesterov.
+
+    Example
+    -------
+    >>> meta_optimizer(WeightNet().parameters(), MWNET_PRESETS["official-2019"] | {"hidden": 100})
+    """
+    lr, wd = float(opts["meta_lr"]), float(opts["meta_wd"])
+    if opts["meta_optim"] == "sgd":
+        momentum, nesterov = float(opts["meta_momentum"]), bool(opts["meta_nesterov"])
+        if nesterov and momentum <= 0:
+            raise LFMError(
+                "mwnet: meta_nesterov=true needs meta_momentum > 0 (torch's SGD refuses it)",
+                "pass --opt meta_momentum=0.9, or meta_nesterov=false",
+            )
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+
+
+_VIRTUAL = Opt("choice", "optimizer", choices=VIRTUAL_STEPS)
+register_options("l2rw", {"virtual": _VIRTUAL})
+
+# What a name reproduces (each with --optimizer sgd and the script's classifier settings, e.g.
+# --preset dr-paper): the two official Meta-Weight-Net scripts differ in the meta-net's optimizer
+# and in how the weights are normalised, and both take a plain SGD virtual step.
+MWNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Our default: the 2019 script's sum normalisation, MW-Net.py's Adam, and a virtual step that
+    # is the real optimizer's update. It matches neither official script exactly.
+    "default": {
+        "virtual": "optimizer",
+        "normalize": True,
+        "meta_optim": "adam",
+        "meta_lr": 1e-3,
+        "meta_wd": 1e-4,
+        "meta_momentum": 0.0,
+        "meta_nesterov": False,
+    },
+    # train_WRN-28-10_Meta_PGC.py (2019): SGD(vnet, 1e-3, momentum 0.9, nesterov, wd 5e-4),
+    # v_lambda / sum(v_lambda) when the sum is nonzero, update_params = plain SGD.
+    "official-2019": {
+        "virtual": "sgd",
+        "normalize": True,
+        "meta_optim": "sgd",
+        "meta_lr": 1e-3,
+        "meta_wd": 5e-4,
+        "meta_momentum": 0.9,
+        "meta_nesterov": True,
+    },
+    # MW-Net.py (current release): Adam(vnet, 1e-3, weight_decay 1e-4), sum(cost * w) / len(cost),
+    # update_params = plain SGD.
+    "official-mwnet-py": {
+        "virtual": "sgd",
+        "normalize": False,
+        "meta_optim": "adam",
+        "meta_lr": 1e-3,
+        "meta_wd": 1e-4,
+        "meta_momentum": 0.0,
+        "meta_nesterov": False,
+    },
+}
+_MWNET_OPTIONS = {
+    "preset": Opt("choice", "default", choices=tuple(MWNET_PRESETS)),
+    "virtual": _VIRTUAL,
+    "hidden": Opt("int", 100, lo=1),
+    "meta_optim": Opt("choice", "adam", choices=("adam", "sgd")),
+    "meta_lr": Opt("float", 1e-3, lo=0.0, lo_open=True),
+    "meta_wd": Opt("float", 1e-4, lo=0.0),
+    "meta_momentum": Opt("float", 0.0, lo=0.0, hi=1.0, hi_open=True),
+    "meta_nesterov": Opt("bool", False),
+    "normalize": Opt("bool", True),
+}
+register_options("mwnet", _MWNET_OPTIONS)
+
+
+def mwnet_options(given: dict[str, Any]) -> dict[str, Any]:
+    """MW-Net's options: the preset's values (default `default`), overridden by those given.
+
+    Example
+    -------
+    >>> mwnet_options({"preset": "official-2019"})["meta_optim"]
+    'sgd'
+    """
+    parsed = check_options("mwnet", given, _MWNET_OPTIONS, fill=False)
+    preset = parsed.pop("preset", "default")
+    defaults = {k: spec.default for k, spec in _MWNET_OPTIONS.items()}
+    return {**defaults, **MWNET_PRESETS[preset], **parsed, "preset": preset}
+
+
+METHOD_CHECKS["mwnet"] = mwnet_options

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from lfm.data.types import Batch
+from lfm.engine.functional import at_least_fp32
 from lfm.errors import LFMError
 from lfm.losses import LOSSES
 from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.options import OPTIONS, Opt, check_options, register_options
 from lfm.train import distributed
 from lfm.train.optim import set_lr
 
@@ -66,21 +68,9 @@ class PlainMethod(Method):
 
     def setup(self, ctx: Context) -> None:
         """One model, its optimizer, and the loss built from the training class counts."""
-        opts = dict(ctx.options)
-        loss_name = opts.pop("loss", self.loss_name)
+        opts = check_options(self.name, dict(ctx.options), OPTIONS[self.name])
         counts = ctx.bundle.train.class_counts(ctx.bundle.num_classes)
-        try:
-            self.loss_fn = LOSSES.create(loss_name, counts, **opts)
-        except TypeError as e:  # an option this loss does not take
-            import inspect
-
-            known = [
-                p for p in inspect.signature(LOSSES.get(loss_name)).parameters if p != "counts"
-            ]
-            raise LFMError(
-                f"method {self.name!r} got unknown option(s) {', '.join(opts)} ({e})",
-                f"its options are: {', '.join(known) or 'none'}",
-            ) from None
+        self.loss_fn = LOSSES.create(self.loss_name, counts, **opts)
         self.model = ctx.learner("W1")
         self.forward = torch.compile(self.model) if ctx.compile else self.model
         self.opt = ctx.torch_optimizer("W1", self.model)
@@ -90,7 +80,7 @@ class PlainMethod(Method):
         """One gradient step on the batch's mean loss."""
         set_lr(self.opt, ctx.learner_lr("W1"))
         logits = self.forward(ctx.bundle.inputs(batch.x, train=True))
-        loss = distributed.part_of(batch).mean(self.loss_fn(logits.float(), batch.y))
+        loss = distributed.part_of(batch).mean(self.loss_fn(at_least_fp32(logits), batch.y))
         return {
             "loss": descend(self.model, self.opt, loss, ctx.step, self.clip, distributed.active())
         }
@@ -123,4 +113,20 @@ METHODS.register("ce-clean", "cross-entropy on the clean validation set alone")(
 )
 METHODS.register("ce-all", "cross-entropy on train + clean validation set")(
     lambda: PlainMethod("ce", "train+val", "ce-all")
+)
+
+# The loss options (lfm.losses), each with the range its formula allows: a negative focal
+# gamma up-weights the easy examples, and cb's beta = 1 divides by zero.
+_GAMMA = Opt("float", 2.0, lo=0.0)
+register_options("ce", {})
+register_options("ce-clean", {})
+register_options("ce-all", {})
+register_options("focal", {"gamma": _GAMMA})
+register_options(
+    "cb",
+    {
+        "beta": Opt("float", 0.9999, lo=0.0, hi=1.0, hi_open=True),
+        "base": Opt("choice", "ce", choices=("ce", "focal")),
+        "gamma": _GAMMA,
+    },
 )

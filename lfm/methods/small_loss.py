@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.data.types import Batch, iterate_batches
-from lfm.errors import LFMError
+from lfm.engine.functional import at_least_fp32
 from lfm.methods.base import METHODS, Context, Method
-from lfm.methods.meta import method_options
+from lfm.methods.options import Opt, check_method_options, register_options
 from lfm.methods.plain import descend
 from lfm.train import distributed
 from lfm.train.optim import set_lr
@@ -96,32 +96,20 @@ class SmallLoss(Method):
     """Cross-entropy on the lowest-loss (1 - rho) fraction of each batch."""
 
     name = "small-loss"
-    defaults: dict[str, Any] = {
-        "rho": "auto",
-        "ramp": 0.1,
-        "warmup": 1,
-        "quantile": 0.95,
-        "max_rho": 0.8,
-    }
 
     def setup(self, ctx: Context) -> None:
         """One model, its optimizer, and the keep counters."""
-        self.opts = method_options(self.name, dict(ctx.options), self.defaults)
+        self.opts = check_method_options(self.name, ctx.options)
         rho = self.opts["rho"]
         self.auto = rho == "auto"
-        if not self.auto and not (isinstance(rho, int | float) and 0 <= rho < 1):
-            raise LFMError(
-                f"small-loss option rho={rho!r} is invalid", "use a number in [0, 1) or auto"
-            )
-        if not 0 < float(self.opts["quantile"]) <= 1:
-            raise LFMError("small-loss option quantile must be in (0, 1]", "use e.g. 0.95")
         self.rho_target = None if self.auto else float(rho)
         self.model = ctx.learner("W1")
         self.opt = ctx.torch_optimizer("W1", self.model)
         self.clip = ctx.optim.grad_clip
         n = len(ctx.bundle.train)
-        self.kept = torch.zeros(n)
-        self.seen = torch.zeros(n)
+        # float32 whatever the default dtype: counters are records, saved in one dtype
+        self.kept = torch.zeros(n, dtype=torch.float32)
+        self.seen = torch.zeros(n, dtype=torch.float32)
 
     def rho_at(self, ctx: Context) -> float:
         """The drop rate of the current step."""
@@ -137,7 +125,9 @@ class SmallLoss(Method):
         set_lr(self.opt, ctx.learner_lr("W1"))
         rho = self.rho_at(ctx)
         loss_i = F.cross_entropy(
-            self.model(ctx.bundle.inputs(batch.x, train=True)).float(), batch.y, reduction="none"
+            at_least_fp32(self.model(ctx.bundle.inputs(batch.x, train=True))),
+            batch.y,
+            reduction="none",
         )
         part = distributed.part_of(batch)
         keep_all = keep_smallest(part.gather(loss_i.detach()), rho)  # over the global batch
@@ -146,7 +136,7 @@ class SmallLoss(Method):
         # the ranks' shares add up to the global kept mean's gradient
         loss_value = descend(self.model, self.opt, loss, ctx.step, self.clip, part.split)
         idx = (batch.idx if batch.whole is None else batch.whole).cpu()
-        self.seen.index_add_(0, idx, torch.ones(len(idx)))
+        self.seen.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float32))
         self.kept.index_add_(0, idx, keep_all.float().cpu())
         return {"loss": loss_value, "rho": rho}
 
@@ -188,6 +178,16 @@ class SmallLoss(Method):
         self.rho_target = state["rho_target"]
 
 
+register_options(
+    "small-loss",
+    {
+        "rho": Opt("float", "auto", lo=0.0, hi=1.0, hi_open=True, words=("auto",)),
+        "ramp": Opt("float", 0.1, lo=0.0, hi=1.0),
+        "warmup": Opt("int", 1, lo=0),
+        "quantile": Opt("float", 0.95, lo=0.0, hi=1.0, lo_open=True),
+        "max_rho": Opt("float", 0.8, lo=0.0, hi=1.0),
+    },
+)
 METHODS.register(
     "small-loss", "keep the (1 - rho) lowest-loss fraction of each batch (rho=auto: estimated)"
 )(SmallLoss)

@@ -264,7 +264,8 @@ def plot_genotype(genotype: Genotype, path: str | Path) -> None:
         for i in range(steps):
             pos[2 + i] = (1.0 + 0.9 * i, 0.85 - 0.7 * i / max(steps - 1, 1))
         out = (2.0 + 0.9 * steps, 0.5)
-        names = {0: "c_{k-2}", 1: "c_{k-1}"} | {2 + i: str(i) for i in range(steps)}
+        # $...$: matplotlib renders TeX-like subscripts only inside math mode (else literal "_{")
+        names = {0: "$c_{k-2}$", 1: "$c_{k-1}$"} | {2 + i: str(i) for i in range(steps)}
         box = {"boxstyle": "round,pad=0.4", "fc": "#dfe9f7", "ec": "#23527c"}
         for k, (op, j) in enumerate(cell):
             dst = 2 + k // 2
@@ -283,7 +284,7 @@ def plot_genotype(genotype: Genotype, path: str | Path) -> None:
                                     "shrinkB": 22})  # fmt: skip
         for n, (x, y) in pos.items():
             ax.text(x, y, names[n], ha="center", va="center", fontsize=11, bbox=box)
-        ax.text(*out, "c_{k}", ha="center", va="center", fontsize=11,
+        ax.text(*out, "$c_{k}$", ha="center", va="center", fontsize=11,
                 bbox=box | {"fc": "#f7e3c8"})  # fmt: skip
         ax.set_title(title)
         ax.set_xlim(-0.4, out[0] + 0.4)

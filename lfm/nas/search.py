@@ -74,7 +74,11 @@ class SearchConfig:
     batch_size: int = 32  # train and validation batch (DARTS: 64; P-DARTS: 96)
     steps_per_epoch: int | None = None  # cap on batches per epoch (None: one pass over train)
     order: int = 2  # 1 = first-order DARTS, 2 = second order (the unrolled hypergradient)
-    hvp: str = "fd"  # mixed second derivatives: fd (DARTS's finite differences) or exact
+    # Mixed second derivatives: exact (forward over reverse) or fd (DARTS's finite differences).
+    # exact by default: fd's eps = 0.01 / ||v|| crosses ReLU / max-pool kinks on small supernets
+    # (off by a relative 0.7-2.3 in an outside check). On a CPU exact costs about fd's time per
+    # step at the paper's size and 1.5-2x it at this tiny default (benchmarks/bench_nas_step.py).
+    hvp: str = "exact"
     fd_scale: float = 0.01  # fd step eps = fd_scale / ||v|| (DARTS: 0.01)
     w_lr: float = 0.025  # weight SGD lr, cosine-annealed to w_lr_min per stage (DARTS)
     w_lr_min: float = 0.001  # DARTS's eta_min for the search
@@ -172,8 +176,9 @@ class SearchConfig:
 
 SEARCH_PRESETS: dict[str, SearchConfig] = {
     # Liu et al. 2019, CIFAR-10 search (second order). LFM-DARTS uses the same settings.
+    # hvp="fd": the papers' finite differences, kept so the presets run what DARTS ran.
     "darts-paper": SearchConfig(
-        "darts", layers=8, C=16, epochs=50, batch_size=64, order=2, warmup_epochs=0
+        "darts", layers=8, C=16, epochs=50, batch_size=64, order=2, hvp="fd", warmup_epochs=0
     ),
     # Chen et al. 2019, CIFAR-10 search: batch 96, alpha lr 6e-4, 25 epochs per stage, first order.
     "pdarts-paper": SearchConfig(
@@ -182,6 +187,7 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
         epochs=25,
         batch_size=96,
         order=1,
+        hvp="fd",  # what the papers ran (it matters for LFM-PDARTS's second-order terms)
         arch_lr=6e-4,
         stage_layers=(5, 11, 17),
         stage_ops=(8, 5, 3),

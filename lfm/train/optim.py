@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lfm.errors import LFMError
+from lfm.errors import LFMError, shown
 
 SCHEDULES = ("constant", "step", "cosine")
 
@@ -31,7 +31,7 @@ class OptimConfig:
     def validate(self) -> None:
         """Raise LFMError naming the first bad field."""
         if self.optimizer not in ("sgd", "adam"):
-            raise LFMError(f"optim.optimizer {self.optimizer!r} is unknown", "use sgd or adam")
+            raise LFMError(f"optim.optimizer {shown(self.optimizer)} is unknown", "use sgd or adam")
         if not self.lr > 0:
             raise LFMError(f"optim.lr must be > 0, got {self.lr}", "pass a positive learning rate")
         if not 0 <= self.momentum < 1:
@@ -42,7 +42,7 @@ class OptimConfig:
             )
         if self.schedule not in SCHEDULES:
             raise LFMError(
-                f"optim.schedule {self.schedule!r} is unknown", f"use one of {SCHEDULES}"
+                f"optim.schedule {shown(self.schedule)} is unknown", f"use one of {SCHEDULES}"
             )
         if not 0 < self.gamma <= 1:
             raise LFMError(f"optim.gamma must be in (0, 1], got {self.gamma}", "use e.g. 0.1")

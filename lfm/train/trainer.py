@@ -48,6 +48,9 @@ from lfm.train.progress import progress_bar
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
+# Run folders of this process's trainers, so an interrupted command can say whether a checkpoint
+# exists to resume from (`lfm.cli.main`), wherever the folder was set (flag or YAML).
+RUN_FOLDERS: list[Path] = []
 _OUTPUTS = re.compile(rf"^({re.escape(RESULTS)}|{re.escape(PER_EXAMPLE)})$")
 
 
@@ -103,6 +106,70 @@ def _select_on_validation(history: list[dict], name: str) -> dict:
     return {"epoch": best["epoch"], "val_acc": best["val"][name], "test_acc": best["test"][name]}
 
 
+def checked_factory(
+    factory: Callable[[], nn.Module], bundle: DataBundle
+) -> Callable[[], nn.Module]:
+    """`factory`, refused if it is a module instance, whose first model's width is checked.
+
+    A model with more outputs than classes trains silently (cross-entropy accepts any width
+    >= the largest label), and a module given as the factory fails deep inside with
+    `forward() missing 'x'`; both are caught here with the fix named.
+    """
+    if isinstance(factory, nn.Module):
+        raise LFMError(
+            f"model_factory is a {type(factory).__name__} instance, but a function that builds "
+            "a fresh model is expected (every learner, and every resume, needs its own)",
+            f"pass model_factory=lambda: {type(factory).__name__}(...) instead of the instance",
+        )
+    if not callable(factory):
+        raise LFMError(
+            f"model_factory is a {type(factory).__name__}, not a function that builds a model",
+            "pass model_factory=lambda: MyNet(...)",
+        )
+    checked = False
+
+    def build() -> nn.Module:
+        nonlocal checked
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise LFMError(
+                f"model_factory returned a {type(model).__name__}, not a torch nn.Module",
+                "return the model from the factory, e.g. lambda: MyNet(...)",
+            )
+        if not checked:
+            check_output_width(model, bundle)
+            checked = True
+        return model
+
+    return build
+
+
+def check_output_width(model: nn.Module, bundle: DataBundle) -> None:
+    """Refuse a model whose output is not (B, num_classes) on two training examples."""
+    split = bundle.train if len(bundle.train) else bundle.val
+    if len(split) == 0:
+        return
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    was = model.training
+    model.eval()  # no BatchNorm statistics updated, no dropout drawn: the run is unchanged
+    try:
+        with torch.no_grad():
+            out = model(bundle.inputs(split.x[:2].to(device), train=False))
+    finally:
+        model.train(was)
+    c = bundle.num_classes
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != c:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LFMError(
+            f"the model's output is {shape} for a batch of 2, but the data set has {c} classes, "
+            f"so it must be (2, {c})",
+            f"give the model {c} outputs (its last layer's out_features = num_classes)",
+        )
+
+
 class Trainer:
     """Runs `method` under `cfg`; `bundle` and `model_factory` may be given by API users."""
 
@@ -113,7 +180,8 @@ class Trainer:
         model_factory: Callable[[], nn.Module] | None = None,
         method: Method | None = None,
     ):
-        cfg.validate()
+        # a method given as an object brings its own options, which the registry cannot check
+        cfg.validate(options=method is None)
         self.cfg = cfg
         self.device = distributed.init(resolve_device(cfg.device))
         seed_everything(cfg.seed)
@@ -125,6 +193,8 @@ class Trainer:
         self.bundle = bundle
         self.method = method if method is not None else METHODS.create(cfg.method)
         self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None:
+            RUN_FOLDERS.append(self.out)
         if self.out is not None and self.out.exists() and not self.out.is_dir():
             raise LFMError(
                 f"--out {str(self.out)!r} is a file, not a folder",
@@ -142,7 +212,7 @@ class Trainer:
                     **({"weights": cfg.model.weights} if cfg.model.weights else {}),
                 )
 
-        factory = model_factory
+        factory = checked_factory(model_factory, bundle)
         self.split = training_split(bundle, self.method.train_on)
         if len(self.split) == 0:
             raise LFMError("the training split is empty", "check --val-per-class and --imbalance")
