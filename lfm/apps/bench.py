@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -42,6 +43,8 @@ from typing import Any
 
 from lfm.config import RunConfig
 from lfm.errors import LFMError
+from lfm.train.atomic import write_atomic, write_json
+from lfm.train.runlock import fs_error, run_folder_lock
 
 RUNS = "runs"
 RUN_SPEC = "run.json"
@@ -204,9 +207,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    write_json(path, obj, default=str)
 
 
 def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> dict[str, Any]:
@@ -244,39 +245,41 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
     log = log if log and main else (lambda _line: None)
     suspects = cfg.suspects and main
     out = Path(cfg.out)
-    (out / RUNS).mkdir(parents=True, exist_ok=True)
-    _write_json(out / "bench.json", _describe(cfg))
-    ran, skipped, failed = [], [], []
-    dataset = cfg.base.data.dataset
-    total = len(cfg.settings) * len(cfg.seeds) * len(cfg.methods)
-    count = 0
-    for setting in cfg.settings:
-        for seed in cfg.seeds:
-            bundle_cache: dict[str, Any] = {}
-            for spec in cfg.methods:
-                count += 1
-                name = run_name(dataset, setting, spec.label, seed)
-                run_dir = out / RUNS / name
-                if _status(run_dir) == "complete":
-                    skipped.append(name)
-                    if suspects:
+    with run_folder_lock(out):  # one suite per folder; before anything in it is read
+        (out / RUNS).mkdir(parents=True, exist_ok=True)
+        _write_json(out / "bench.json", _describe(cfg))
+        ran, skipped, failed = [], [], []
+        dataset = cfg.base.data.dataset
+        total = len(cfg.settings) * len(cfg.seeds) * len(cfg.methods)
+        count = 0
+        for setting in cfg.settings:
+            for seed in cfg.seeds:
+                bundle_cache: dict[str, Any] = {}
+                for spec in cfg.methods:
+                    count += 1
+                    name = run_name(dataset, setting, spec.label, seed)
+                    run_dir = out / RUNS / name
+                    if _status(run_dir) == "complete":
+                        skipped.append(name)
+                        if suspects:
+                            _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
+                        continue
+                    log(f"[{count}/{total}] {name} ...")
+                    ok = _one_run(cfg, spec, setting, seed, run_dir, bundle_cache, log)
+                    (ran if ok else failed).append(name)
+                    if ok and suspects:
                         _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
-                    continue
-                log(f"[{count}/{total}] {name} ...")
-                ok = _one_run(cfg, spec, setting, seed, run_dir, bundle_cache, log)
-                (ran if ok else failed).append(name)
-                if ok and suspects:
-                    _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
-    distributed.barrier()
-    rows = collect_rows(out)
-    table = markdown_tables(rows)
-    if main:
-        write_rows_csv(out / "all_runs.csv", rows)
-        (out / "table.md").write_text(table)
-    log(
-        f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; see {out}/table.md"
-    )
-    return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
+        distributed.barrier()
+        rows = collect_rows(out)
+        table = markdown_tables(rows)
+        if main:
+            write_rows_csv(out / "all_runs.csv", rows)
+            write_atomic(out / "table.md", table)
+        log(
+            f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; "
+            f"see {out}/table.md"
+        )
+        return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
 
 
 def _describe(cfg: BenchConfig) -> dict[str, Any]:
@@ -350,51 +353,54 @@ def _one_run(
     from lfm.train import distributed
     from lfm.train.trainer import Trainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        run_dir / RUN_SPEC,
-        {
-            "label": spec.label,
-            "method": spec.method,
-            "options": spec.options,
-            "setting": setting.name,
-            "imbalance": setting.imbalance,
-            "noise": setting.noise,
-            "seed": seed,
-            "dataset": bench.base.data.dataset,
-        },
-    )
-    t0 = time.perf_counter()
-    try:
-        cfg = run_config_for(bench.base, spec, setting, seed, run_dir)
-        _warm_up(cfg, _bundle(cfg, cache))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        bundle = _bundle(cfg, cache)  # outside the memory watch: shared by the setting's runs
-        with _RSSPeak() as mem:
-            trainer = Trainer(cfg, bundle=bundle)
-            results = trainer.run()
-        results["timing"]["peak_rss_mb"] = mem.peak_mb
-        results["bench"] = {"label": spec.label, "setting": setting.name}
-        if distributed.is_main():
-            trainer.write(results)  # again, with the bench's extra fields
-        (run_dir / FAILED).unlink(missing_ok=True)
-        accs = ", ".join(f"{n} {v['test_acc']:.4f}" for n, v in results["last"].items())
-        log(f"    done in {time.perf_counter() - t0:.1f}s: test acc {accs}")
-        return True
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failing run is recorded and the suite goes on
+    with run_folder_lock(run_dir):  # also against a `lfm train --out` of this folder
+        run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(
-            run_dir / FAILED,
+            run_dir / RUN_SPEC,
             {
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
+                "label": spec.label,
+                "method": spec.method,
+                "options": spec.options,
+                "setting": setting.name,
+                "imbalance": setting.imbalance,
+                "noise": setting.noise,
+                "seed": seed,
+                "dataset": bench.base.data.dataset,
             },
         )
-        log(f"    FAILED: {type(e).__name__}: {e}")
-        return False
+        t0 = time.perf_counter()
+        try:
+            cfg = run_config_for(bench.base, spec, setting, seed, run_dir)
+            _warm_up(cfg, _bundle(cfg, cache))
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            bundle = _bundle(cfg, cache)  # outside the memory watch: shared by the setting's runs
+            with _RSSPeak() as mem:
+                trainer = Trainer(cfg, bundle=bundle)
+                results = trainer.run()
+            results["timing"]["peak_rss_mb"] = mem.peak_mb
+            results["bench"] = {"label": spec.label, "setting": setting.name}
+            if distributed.is_main():
+                trainer.write(results)  # again, with the bench's extra fields
+            (run_dir / FAILED).unlink(missing_ok=True)
+            accs = ", ".join(f"{n} {v['test_acc']:.4f}" for n, v in results["last"].items())
+            log(f"    done in {time.perf_counter() - t0:.1f}s: test acc {accs}")
+            return True
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing run is recorded and the suite goes on
+            if isinstance(e, OSError) and fs_error(e) is not None:
+                raise  # a full or read-only disk stops the suite: the CLI says it in one line
+            _write_json(
+                run_dir / FAILED,
+                {
+                    "status": "failed",
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(),
+                },
+            )
+            log(f"    FAILED: {type(e).__name__}: {e}")
+            return False
 
 
 def _suspects_for(
@@ -605,11 +611,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """The rows as CSV with the `ROW_FIELDS` columns (missing values empty)."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in ROW_FIELDS})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in ROW_FIELDS})
+    write_atomic(path, f.getvalue())
 
 
 # -- tables ---------------------------------------------------------------------------------------

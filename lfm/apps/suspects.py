@@ -19,6 +19,7 @@ without checkpoints (or with ``--no-predict``) gets an empty ``predicted_label``
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from torch import nn
 
 from lfm.data.types import DataBundle, Split, iterate_batches
 from lfm.errors import LFMError
+from lfm.train.atomic import write_atomic
 from lfm.train.optim import OptimConfig, make_optimizer
 
 # The per-example arrays that hold a weight, in order of preference: `weight` (l2rw, mwnet,
@@ -268,10 +270,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, f.getvalue())
 
 
 # -- cleanlab ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from lfm.apps.protocols import PROTOCOLS, protocol
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
 from lfm.train import distributed
+from lfm.train.runlock import run_folder_lock
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
@@ -74,6 +75,21 @@ def run(args: argparse.Namespace) -> int:
     methods = [m for m in args.compare.split(",") if m] + ["lfm"]
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
+    out = run_config(args, {**base, "method": "lfm"}).out  # --out, or the YAML file's
+    with run_folder_lock(out):  # the whole command: no other run may start in between
+        all_results = _train_all(args, base, methods, lfm_opts)
+        if not distributed.is_main():  # under torchrun, rank 0 alone prints
+            return 0
+        print(runs_table(all_results))
+    if out:
+        print(f"runs written to {out}/<method>/ (results.json, per_example.npz with b and a)")
+    return 0
+
+
+def _train_all(
+    args: argparse.Namespace, base: dict, methods: list[str], lfm_opts: dict
+) -> list[dict]:
+    """Train every method in turn on the same data and seed; their results, in order."""
     all_results = []
     for m in methods:
         cfg = run_config(args, {**base, "method": m})
@@ -87,9 +103,4 @@ def run(args: argparse.Namespace) -> int:
         if m == "lfm":  # name the variant in the table
             res = {**res, "method": f"lfm ({cfg.method_options.get('variant', 'paper')})"}
         all_results.append(res)
-    if not distributed.is_main():  # under torchrun, rank 0 alone prints
-        return 0
-    print(runs_table(all_results))
-    if args.out:
-        print(f"runs written to {args.out}/<method>/ (results.json, per_example.npz with b and a)")
-    return 0
+    return all_results

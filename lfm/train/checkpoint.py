@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,44 +20,17 @@ import torch
 
 from lfm.data.types import DataBundle
 from lfm.errors import LFMError
+from lfm.train.atomic import (  # noqa: F401 - re-exported: the checkpoint writer's helpers
+    SLOW_WRITE_ENV,
+    atomic_write_bytes,
+    write_atomic,
+    write_figure,
+    write_json,
+)
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 # mkstemp's name for a temp file of `atomic_write_bytes`: ".<target name>.<8 random chars>.tmp"
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
-
-# Test hook, not a setting: when set to a number of seconds, `atomic_write_bytes` sleeps that
-# long between writing the temp file and renaming it, so that a test can SIGKILL a run inside
-# the write window (tests/test_kill_resume.py). Unset in normal use.
-SLOW_WRITE_ENV = "LFM_TEST_SLOW_CHECKPOINT"
-
-
-def _test_pause() -> None:
-    delay = os.environ.get(SLOW_WRITE_ENV)
-    if delay:
-        time.sleep(float(delay))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _test_pause()
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def remove_temp_files(folder: Path, target: re.Pattern[str] | None = None) -> list[Path]:

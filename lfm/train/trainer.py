@@ -44,6 +44,7 @@ from lfm.train.checkpoint import (
 from lfm.train.evaluate import evaluate
 from lfm.train.optim import lr_factor_fn
 from lfm.train.progress import progress_bar
+from lfm.train.runlock import run_folder_lock
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
@@ -293,7 +294,15 @@ class Trainer:
         self._last_eval = (val, test)
 
     def run(self) -> dict:
-        """Train to the end (resuming if a checkpoint exists) and return the results."""
+        """Train to the end (resuming if a checkpoint exists) and return the results.
+
+        The out folder is locked for the run (`lfm.train.runlock`) before its checkpoints are
+        read or cleared: a second run on the folder stops at once and touches nothing.
+        """
+        with run_folder_lock(self.out):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
         resumed = self.try_resume()
         distributed.check_same(ctx.step, "the step to resume from")
