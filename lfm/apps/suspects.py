@@ -180,7 +180,7 @@ def predicted_labels(run_dir: str | Path, learner: str | None = None) -> np.ndar
     from lfm.train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    state = CheckpointDir(run_dir / "checkpoints").latest()
+    state = CheckpointDir(run_dir / "checkpoints").latest(read_only=True)
     results_path = run_dir / "results.json"
     if state is None or not results_path.is_file():
         return None

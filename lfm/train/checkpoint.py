@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -59,18 +60,37 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class CorruptCheckpoint(LFMError):
+    """A checkpoint file that is not a whole archive (truncated, emptied, overwritten)."""
+
+
 def safe_load(path: Path) -> Any:
-    """Load a checkpoint with `weights_only=True`; a file that is not one is a clear error."""
+    """Load a checkpoint with `weights_only=True`; a file that is not one is a clear error.
+
+    A file that is not a complete zip archive (what `torch.save` writes) is CorruptCheckpoint:
+    damaged, so `CheckpointDir.latest` may fall back to an older one. A whole archive that
+    `weights_only` refuses (it asks to run code) is a plain LFMError: someone made that file,
+    and the run stops rather than step around it.
+    """
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
-        raise LFMError(f"checkpoint {path} does not exist", "check the path or drop --resume")
+        raise LFMError(f"checkpoint {path} does not exist", "check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals and junk bytes raise many types; all mean "bad"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not zipfile.is_zipfile(path):
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is corrupt ({first[:160]})",
+                "delete it to start over (pass --no-resume), or move it out of the folder to "
+                "resume from the one before",
+            ) from e
         raise LFMError(
             f"checkpoint {path} is corrupt or not a plain-data checkpoint ({first[:160]})",
-            "delete it to start over, or point --resume at another checkpoint",
+            "move it out of the folder to resume from the one before, or pass --no-resume to "
+            "start over",
         ) from e
 
 
@@ -129,11 +149,36 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return path
 
-    def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint's contents, or None when there is none."""
-        self.remove_temp_files()  # a killed write leaves only a temp file, never a partial ckpt
-        paths = self.paths()
-        return safe_load(paths[-1]) if paths else None
+    def latest(self, read_only: bool = False) -> dict[str, Any] | None:
+        """The newest checkpoint that loads, or None when there is none.
+
+        A corrupt one (truncated by hand, a disk fault) is renamed `<name>.corrupt`, kept for
+        inspection, with one warning line, and the next older one is tried: the run continues
+        from the newest good state instead of stopping. Under torchrun rank 0 alone renames
+        and warns; the other ranks skip the same files. `read_only` (a reader of another
+        run's folder, e.g. `lfm suspects`, which holds no lock) changes nothing in the folder.
+        """
+        from lfm.train import distributed
+
+        if not read_only:  # a killed write leaves only a temp file, never a partial ckpt
+            self.remove_temp_files()
+        for path in reversed(self.paths()):
+            try:
+                return safe_load(path)
+            except CorruptCheckpoint as e:
+                if read_only or not path.exists():  # skip it (rank 0 may have renamed it)
+                    continue
+                older = [p for p in self.paths() if p != path]
+                if distributed.is_main():
+                    bad = path.with_name(path.name + ".corrupt")
+                    os.replace(path, bad)
+                    then = f"resuming from {older[-1].name}" if older else "starting over"
+                    print(
+                        f"lfm: warning: {e.problem}; kept as {bad.name}, {then}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        return None
 
 
 # ------------------------------------------------ identity checks for runs outside the Trainer
