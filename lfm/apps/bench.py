@@ -22,6 +22,9 @@ a single seed). Cost: seconds per iteration relative to ``ce`` on the same setti
 averaged; peak memory is the trainer's (CUDA: peak allocated, reset before each run; CPU: the
 process's resident high-water mark) and, on Linux, the peak growth of resident memory during
 the run sampled every 20 ms (``peak_rss_mb``: the CPU number that means something per run).
+A run resumed from a checkpoint was trained by several processes: its ``timing.segments`` hold
+each one's steps, seconds and peak memory, its peak memory is the highest of theirs, its RSS
+growth is unknown, and the cost table marks it instead of passing one process off as the run.
 """
 
 from __future__ import annotations
@@ -378,7 +381,11 @@ def _one_run(
             with _RSSPeak() as mem:
                 trainer = Trainer(cfg, bundle=bundle)
                 results = trainer.run()
-            results["timing"]["peak_rss_mb"] = mem.peak_mb
+            timing = results["timing"]
+            # The RSS watch saw this process only: the run's figure when one process trained it
+            # all; a resumed run keeps it on its last segment and has no whole-run figure.
+            timing["segments"][-1]["peak_rss_mb"] = mem.peak_mb
+            timing["peak_rss_mb"] = None if len(timing["segments"]) > 1 else mem.peak_mb
             results["bench"] = {"label": spec.label, "setting": setting.name}
             if distributed.is_main():
                 trainer.write(results)  # again, with the bench's extra fields
@@ -481,6 +488,7 @@ ROW_FIELDS = (
     "train_seconds",
     "peak_mem_mb",
     "peak_rss_mb",
+    "segments",
     "auroc",
     "precision_at_k",
     "cleanlab_auroc",
@@ -582,6 +590,10 @@ def collect_rows(path: str | Path) -> list[dict[str, Any]]:
                         "train_seconds": t["train_seconds"],
                         "peak_mem_mb": t["peak_mem_mb"],
                         "peak_rss_mb": t.get("peak_rss_mb"),
+                        # processes that trained the run (>1: resumed; cost per segment)
+                        "segments": len(t["segments"])
+                        if t.get("segments")
+                        else (None if t.get("resumed") else 1),  # None: resumed, unrecorded
                         "auroc": sus.get("auroc"),
                         "precision_at_k": _precision_at_k(sus),
                         "cleanlab_auroc": cl.get("auroc"),
@@ -717,7 +729,14 @@ def metric_table(
 
 
 def cost_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per label: mean s/iter, time per iteration relative to ce (same setting and seed), memory."""
+    """Per label: mean s/iter, time per iteration relative to ce (same setting and seed), memory.
+
+    Time is training seconds over steps, summed over a resumed run's processes, so every run
+    counts. Memory is one process's figure: it comes from the runs that one process trained
+    whole; a resumed run (``segments`` > 1) is counted in ``resumed`` and left out, and when
+    every run of a label was resumed its peak memory is the highest of its segments', with
+    ``mem_from`` "resumed" (the table says so), and its RSS growth is unknown.
+    """
     runs = {}
     for r in rows:  # one entry per run (learners share the timing)
         if r["status"] == "complete":
@@ -731,15 +750,21 @@ def cost_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k, r in mine
             if (k[1], k[2]) in ce and ce[(k[1], k[2])] > 0
         ]
-        rss = [r["peak_rss_mb"] for _, r in mine if r.get("peak_rss_mb") is not None]
+        whole = [r for _, r in mine if r.get("segments", 1) in (1, "1")]
+        resumed = len(mine) - len(whole)
+        mem_runs = whole or [r for _, r in mine]
+        mem = [r["peak_mem_mb"] for r in mem_runs if r.get("peak_mem_mb") is not None]
+        rss = [r["peak_rss_mb"] for r in whole if r.get("peak_rss_mb") is not None]
         out.append(
             {
                 "label": label,
                 "sec_per_iter": sum(r["sec_per_iter"] for _, r in mine) / len(mine),
                 "x_ce": sum(ratios) / len(ratios) if ratios else None,
-                "peak_mem_mb": max(r["peak_mem_mb"] for _, r in mine),
+                "peak_mem_mb": max(mem) if mem else None,
                 "peak_rss_mb": max(rss) if rss else None,
                 "runs": len(mine),
+                "resumed": resumed,
+                "mem_from": "whole" if whole else "resumed",
             }
         )
     return out
@@ -800,9 +825,10 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
                 c["label"],
                 fmt(c["sec_per_iter"], ".4f"),
                 fmt(c["x_ce"], ".2f"),
-                fmt(c["peak_mem_mb"], ".0f"),
-                fmt(c["peak_rss_mb"], ".0f"),
-                str(c["runs"]),
+                fmt(c["peak_mem_mb"], ".0f")
+                + (" (resumed)" if c["mem_from"] == "resumed" and c["peak_mem_mb"] else ""),
+                "resumed" if c["mem_from"] == "resumed" else fmt(c["peak_rss_mb"], ".0f"),
+                str(c["runs"]) + (f" ({c['resumed']} resumed)" if c["resumed"] else ""),
             ]
             for c in cost
         ]
@@ -811,7 +837,11 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
             "## Cost",
             "",
             "Time per iteration relative to ce on the same setting and seed; peak memory "
-            "as the trainer reports it, and the peak growth of resident memory per run.",
+            "as the trainer reports it, and the peak growth of resident memory per run. "
+            "Memory is one process's: a resumed run (trained by several processes) is left "
+            "out of it, or, where every run was resumed, marked (resumed) with the highest "
+            "of its processes' peaks; each process's cost is in the run's results.json "
+            "(timing.segments).",
             "",
             _md_table(
                 ["method", "s/iter", "× ce", "peak mem (MB)", "peak RSS growth (MB)", "runs"], body
