@@ -161,3 +161,49 @@ def test_batch_size_must_split_over_the_processes(monkeypatch):
     cfg = RunConfig(data=DataConfig(dataset="digits"), batch_size=50, epochs=1, progress=False)
     with pytest.raises(LFMError, match="cannot be split over 3 processes"):
         Trainer(cfg)
+
+
+def test_torchrun_on_a_folder_in_use_stops_at_once(tmp_path):
+    """Rank 0 takes the run-folder lock for every rank: on a busy folder it says so in one line
+    (exit 2; torchrun then stops rank 1 and exits 1) and nothing in the folder is touched."""
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lfm.train.runlock import run_folder_lock\n"
+            "with run_folder_lock(sys.argv[1], '--out'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lfm",
+            *ARGS,
+            "--out",
+            str(out),
+        ]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0
+        line = (
+            f"lfm: error (rank 0): run folder {out} is in use by process {holder.pid}. "
+            "Fix: wait for it, or pass another --out"
+        )
+        assert line in res.stderr.splitlines(), res.stderr[-3000:]
+        assert "rank 1)" not in res.stderr  # rank 1 neither locks nor complains
+        assert [p.name for p in out.iterdir()] == [".lfm.lock"]
+    finally:
+        holder.kill()
+        holder.wait()

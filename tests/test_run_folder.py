@@ -335,3 +335,33 @@ def test_no_output_is_written_outside_the_atomic_helper():
             if raw.search(line) and not any(rel == a and s in line for a, s in allowed):
                 found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+TRAIN = [sys.executable, "-m", "lfm", "train", "--epochs", "3", "--batch-size", "100"]
+
+
+@pytest.mark.skipif(_tmpfs_shell() is None, reason="needs unshare -rm and tmpfs mounts")
+def test_a_disk_that_fills_mid_run_keeps_the_last_good_checkpoint(tmp_path):
+    """`lfm train` on a tmpfs with room for one checkpoint (about 0.7 MB) but not two: the
+    second write fails, one line says how to continue, and the first checkpoint still loads."""
+    mnt, copy = tmp_path / "mnt", tmp_path / "after"
+    mnt.mkdir()
+    out = mnt / "t"
+    script = f"""
+mount -t tmpfs -o size=1200k tmpfs {mnt} || exit 3
+{" ".join(TRAIN)} --out {out} --no-progress > /dev/null 2> {tmp_path}/stderr
+echo $? > {tmp_path}/rc
+cp -a {out} {copy}
+"""
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(), timeout=300)
+    assert res.returncode == 0
+    err = (tmp_path / "stderr").read_text().strip()
+    assert int((tmp_path / "rc").read_text()) == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "no space left on device" in err and "continues from the last good checkpoint" in err
+    assert str(out / "checkpoints") in err
+    from lfm.train.checkpoint import CheckpointDir, safe_load
+
+    (good,) = CheckpointDir(copy / "checkpoints").paths()
+    assert int(safe_load(good)["step"]) > 0
+    assert not list(copy.rglob("*.tmp"))
