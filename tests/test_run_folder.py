@@ -365,3 +365,25 @@ cp -a {out} {copy}
     (good,) = CheckpointDir(copy / "checkpoints").paths()
     assert int(safe_load(good)["step"]) > 0
     assert not list(copy.rglob("*.tmp"))
+
+
+@pytest.mark.skipif(_tmpfs_shell() is None, reason="needs unshare -rm and tmpfs mounts")
+def test_a_really_read_only_out_folder_fails_before_the_search_trains(tmp_path):
+    """A read-only mount (EROFS from the kernel, not a mock): one line, exit 2, no training
+    (before, `lfm search` trained a whole epoch and then printed a 38-line traceback)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = f"""
+mount -t tmpfs -o size=1m tmpfs {mnt} && mkdir {mnt}/s && mount -o remount,ro {mnt} || exit 3
+{" ".join(SEARCH)} --out {mnt}/s --no-progress > {tmp_path}/stdout 2> {tmp_path}/stderr
+echo $? > {tmp_path}/rc
+"""
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(), timeout=120)
+    assert res.returncode == 0
+    err = (tmp_path / "stderr").read_text().strip()
+    assert int((tmp_path / "rc").read_text()) == 2, err
+    assert err == (
+        f"lfm: error: cannot write {mnt}/s: read-only file system. "
+        "Fix: pass --out a folder on a writable file system"
+    ), err
+    assert (tmp_path / "stdout").read_text() == ""  # no epoch, no genotype

@@ -128,8 +128,8 @@ def run_folder_lock(folder: Path | str | None, flag: str = "--out") -> Iterator[
         return
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        err = fs_error(e)
+    except OSError as e:  # named by the folder: the lock file is ours, the folder the user's
+        err = fs_error(OSError(e.errno, e.strerror, str(folder)))
         if err is None:
             raise
         raise err from None
@@ -147,7 +147,7 @@ def run_folder_lock(folder: Path | str | None, flag: str = "--out") -> Iterator[
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as e:
-            err = fs_error(OSError(e.errno, e.strerror, str(folder / LOCK_NAME)))
+            err = fs_error(OSError(e.errno, e.strerror, str(folder)))
             if err is None:
                 raise
             raise err from None
