@@ -206,4 +206,4 @@ def test_torchrun_on_a_folder_in_use_stops_at_once(tmp_path):
         assert [p.name for p in out.iterdir()] == [".lfm.lock"]
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()

@@ -205,7 +205,7 @@ def test_every_command_refuses_a_locked_folder(command, tmp_path, capsys):
         assert _files(out) == before
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
 
 
 # -- file-system faults ----------------------------------------------------------------------
