@@ -387,3 +387,16 @@ echo $? > {tmp_path}/rc
         "Fix: pass --out a folder on a writable file system"
     ), err
     assert (tmp_path / "stdout").read_text() == ""  # no epoch, no genotype
+
+
+def test_atomic_outputs_keep_the_permissions_of_a_plain_write(tmp_path):
+    from lfm.train.atomic import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "table.md", "| a |\n")
+        (tmp_path / "plain.md").write_text("| a |\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o644

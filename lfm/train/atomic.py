@@ -26,17 +26,27 @@ def _test_pause() -> None:
         time.sleep(float(delay))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _umask_mode() -> int:
+    """The mode a plain write gives a new file: 0o666 less the process umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write `data` to `path` so that a reader sees either the old file or the whole new one.
 
-    An OSError (a full disk, a read-only folder) names `path`: a failed `write` alone does not
-    say which file it was writing, and the CLI prints the name in its one-line error.
+    `mode`: the new file's permissions (None: mkstemp's 0o600, what checkpoints and results
+    have always had). An OSError (a full disk, a read-only folder) names `path`: a failed
+    `write` alone does not say which file it was writing, and the CLI prints the name.
     """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,8 +68,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_atomic(path: Path | str, data: bytes | str) -> None:
     """Write a whole output file (text as UTF-8) atomically: every file a command writes goes
-    through here or `atomic_write_bytes`, so a kill or a full disk never leaves half a file."""
-    atomic_write_bytes(Path(path), data.encode() if isinstance(data, str) else data)
+    through here or `atomic_write_bytes`, so a kill or a full disk never leaves half a file.
+
+    The file gets the permissions a plain write gives it (tables, genotypes and
+    reports were world-readable under the usual umask before they were written atomically).
+    """
+    data = data.encode() if isinstance(data, str) else data
+    atomic_write_bytes(Path(path), data, mode=_umask_mode())
 
 
 def write_json(path: Path | str, obj: Any, **dumps: Any) -> None:
