@@ -149,3 +149,50 @@ def test_table_from_rows_multi_learner_and_partial_failure():
     assert "| lfm W1 | 0.6000 (1/2 seeds) |" in table
     assert "| lfm | 0.5000 | 5.00 |" in table  # 5x the ce step on the same setting and seed
     assert "boom" in table
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_reports_its_cost_per_process_segment(tmp_path, monkeypatch):
+    """A run killed after a checkpoint and finished by a second `run_suite` (another process in
+    real use): each process's cost is recorded, and the table does not pass the resuming
+    process's memory off as the run's."""
+    from lfm.methods.plain import PlainMethod
+
+    base = RunConfig(
+        data=DataConfig("digits"), epochs=1, batch_size=100, checkpoint_every=2, progress=False
+    )
+    cfg = BenchConfig(base, parse_method_specs(["ce"]), make_settings([1], ["none"]), [0], "")
+    cfg.out = str(tmp_path / "bench")
+    step = PlainMethod.step
+
+    def dies_at_step_3(self, batch, ctx):
+        if ctx.step == 3:
+            raise _Killed("killed")
+        return step(self, batch, ctx)
+
+    import lfm.apps.bench as bench
+
+    monkeypatch.setattr(bench, "_warm_up", lambda cfg, bundle: None)  # its steps count too
+    monkeypatch.setattr(PlainMethod, "step", dies_at_step_3)
+    assert run_suite(cfg, log=None)["failed"]  # checkpoint at step 2, then the "kill"
+    monkeypatch.setattr(PlainMethod, "step", step)
+    assert run_suite(cfg, log=None)["ran"]  # resumes from step 2
+    run_dir = tmp_path / "bench" / "runs" / "digits-imb1-none-ce-s0"
+    t = json.loads((run_dir / "results.json").read_text())["timing"]
+    assert t["resumed"] and [(s["from_step"], s["to_step"]) for s in t["segments"]] == [
+        (0, 2),
+        (2, t["steps"]),
+    ]
+    assert all(s["peak_mem_mb"] > 0 and s["train_seconds"] >= 0 for s in t["segments"])
+    assert t["peak_mem_mb"] == max(s["peak_mem_mb"] for s in t["segments"])
+    assert t["peak_rss_mb"] is None  # only the last process was watched
+    assert "peak_rss_mb" in t["segments"][-1]
+    with open(tmp_path / "bench" / "all_runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["segments"] == "2"
+    table = (tmp_path / "bench" / "table.md").read_text()
+    cost = [line for line in table.splitlines() if line.startswith("| ce |")][-1]
+    assert cost.endswith("(resumed) | resumed | 1 (1 resumed) |"), cost

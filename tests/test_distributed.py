@@ -1,10 +1,12 @@
 """Data parallel under torchrun: 2 processes learn what 1 process learns at the same global batch.
 
-One `lfm dr --compare ce` command trains plain CE and then LFM-DR (digits, MLP, no BatchNorm,
-exact backend): once as a single process for 4 steps, and under torchrun with 2 gloo processes
-stopped at step 2 and resumed to step 4 (so resume under torchrun is covered too). Every learned
-tensor of the final checkpoints (W1, W2, V, r, b and optimizer state; CE's model) and the
-per-example arrays must agree within 1e-5.
+One `lfm dr --compare ce,l2rw,mwnet` command trains plain CE, L2RW, MW-Net and then LFM-DR
+(digits, MLP, no BatchNorm, exact backend): once as a single process for 4 steps, and under
+torchrun with 2 gloo processes stopped at step 2 and resumed to step 4 (so resume under torchrun
+is covered too). Every learned tensor of the final checkpoints (W1, W2, V, r, b and optimizer
+state; CE's model) and the per-example arrays must agree within 1e-5, and so must every logged
+value of the last step (`a_mean`, `hg_a`, `w_mean`, L2RW's and MW-Net's loss and weights): the
+global batch's, not rank 0's part.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ TOL = 1e-5
 ARGS = [
     "dr",
     "--compare",
-    "ce",
+    "ce,l2rw,mwnet",
     "--dataset",
     "digits",
     "--model",
@@ -85,11 +87,22 @@ def _max_diff(a, b) -> float:
     )
 
 
+def _last_logs(run_dir: Path) -> dict[str, float]:
+    import json
+
+    return json.loads((run_dir / "results.json").read_text())["history"][-1]["train"]
+
+
 def test_two_processes_learn_what_one_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(one, 4, 1)
     _run(two, 2, 2)  # stop mid-epoch at step 2 ...
     _run(two, 4, 2)  # ... and resume under torchrun to step 4
+    for method in ("ce", "l2rw", "mwnet", "lfm"):
+        l1, l2 = _last_logs(one / method), _last_logs(two / method)
+        assert l1.keys() == l2.keys() and l1, method
+        for k, v in l1.items():  # rank 0's part differed by 1e-3 (a_mean) to 0.5 (l2rw loss)
+            assert abs(l2[k] - v) <= TOL * max(1.0, abs(v)), (method, k, v, l2[k])
     for method, keys in (("ce", ("model",)), ("lfm", ("W1", "W2", "V", "r", "b"))):
         s1, a1 = _final(one / method)
         s2, a2 = _final(two / method)
@@ -148,3 +161,49 @@ def test_batch_size_must_split_over_the_processes(monkeypatch):
     cfg = RunConfig(data=DataConfig(dataset="digits"), batch_size=50, epochs=1, progress=False)
     with pytest.raises(LFMError, match="cannot be split over 3 processes"):
         Trainer(cfg)
+
+
+def test_torchrun_on_a_folder_in_use_stops_at_once(tmp_path):
+    """Rank 0 takes the run-folder lock for every rank: on a busy folder it says so in one line
+    (exit 2; torchrun then stops rank 1 and exits 1) and nothing in the folder is touched."""
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lfm.train.runlock import run_folder_lock\n"
+            "with run_folder_lock(sys.argv[1], '--out'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lfm",
+            *ARGS,
+            "--out",
+            str(out),
+        ]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0
+        line = (
+            f"lfm: error (rank 0): run folder {out} is in use by process {holder.pid}. "
+            "Fix: wait for it, or pass another --out"
+        )
+        assert line in res.stderr.splitlines(), res.stderr[-3000:]
+        assert "rank 1)" not in res.stderr  # rank 1 neither locks nor complains
+        assert [p.name for p in out.iterdir()] == [".lfm.lock"]
+    finally:
+        holder.kill()
+        holder.communicate()

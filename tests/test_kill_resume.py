@@ -245,3 +245,23 @@ def test_resume_refuses_a_checkpoint_past_the_requested_epochs(tmp_path):
     Trainer(_cfg(tmp_path, epochs=2)).run()
     with pytest.raises(LFMError, match="past the 1 epochs"):
         Trainer(_cfg(tmp_path, epochs=1)).run()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    """Truncated by hand: one warning naming it, kept as .corrupt, resumed from the older one,
+    to the history of an uninterrupted run."""
+    from lfm.train.trainer import Trainer
+
+    straight = Trainer(_cfg(None, epochs=2)).run()
+    Trainer(_cfg(tmp_path, epochs=2)).run()
+    older, newest = _ckpts(tmp_path)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    resumed = Trainer(_cfg(tmp_path, epochs=2)).run()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lfm: warning: checkpoint {newest} is corrupt")
+    assert err[0].endswith(f"kept as {newest.name}.corrupt, resuming from {older.name}"), err
+    assert newest.with_name(newest.name + ".corrupt").read_bytes() == data[: len(data) // 2]
+    assert resumed["timing"]["resumed"]
+    assert resumed["history"] == straight["history"]  # epoch 2 trained again from epoch 1's state

@@ -23,12 +23,16 @@ to ``ce`` on the same setting and seed, averaged; peak memory is the trainer's (
 allocated, reset before each run; CPU: the process's resident high-water mark) and, on Linux, the
 peak growth of resident memory during the run sampled every 20 ms (``peak_rss_mb``: the CPU number
 that means something per run).
+A run resumed from a checkpoint was trained by several processes: its ``timing.segments`` hold
+each one's steps, seconds and peak memory, its peak memory is the highest of theirs, its RSS
+growth is unknown, and the cost table marks it instead of passing one process off as the run.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -43,6 +47,8 @@ from typing import Any
 
 from lfm.config import RunConfig
 from lfm.errors import LFMError
+from lfm.train.atomic import write_atomic, write_json
+from lfm.train.runlock import fs_error, run_folder_lock
 
 RUNS = "runs"
 RUN_SPEC = "run.json"
@@ -205,9 +211,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    write_json(path, obj, default=str)
 
 
 def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> dict[str, Any]:
@@ -246,39 +250,41 @@ def run_suite(cfg: BenchConfig, log: Callable[[str], None] | None = print) -> di
     log = log if log and main else (lambda _line: None)
     suspects = cfg.suspects and main
     out = Path(cfg.out)
-    (out / RUNS).mkdir(parents=True, exist_ok=True)
-    _write_json(out / "bench.json", _describe(cfg))
-    ran, skipped, failed = [], [], []
-    dataset = cfg.base.data.dataset
-    total = len(cfg.settings) * len(cfg.seeds) * len(cfg.methods)
-    count = 0
-    for setting in cfg.settings:
-        for seed in cfg.seeds:
-            bundle_cache: dict[str, Any] = {}
-            for spec in cfg.methods:
-                count += 1
-                name = run_name(dataset, setting, spec.label, seed)
-                run_dir = out / RUNS / name
-                if _status(run_dir) == "complete":
-                    skipped.append(name)
-                    if suspects:
+    with run_folder_lock(out):  # one suite per folder; before anything in it is read
+        (out / RUNS).mkdir(parents=True, exist_ok=True)
+        _write_json(out / "bench.json", _describe(cfg))
+        ran, skipped, failed = [], [], []
+        dataset = cfg.base.data.dataset
+        total = len(cfg.settings) * len(cfg.seeds) * len(cfg.methods)
+        count = 0
+        for setting in cfg.settings:
+            for seed in cfg.seeds:
+                bundle_cache: dict[str, Any] = {}
+                for spec in cfg.methods:
+                    count += 1
+                    name = run_name(dataset, setting, spec.label, seed)
+                    run_dir = out / RUNS / name
+                    if _status(run_dir) == "complete":
+                        skipped.append(name)
+                        if suspects:
+                            _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
+                        continue
+                    log(f"[{count}/{total}] {name} ...")
+                    ok = _one_run(cfg, spec, setting, seed, run_dir, bundle_cache, log)
+                    (ran if ok else failed).append(name)
+                    if ok and suspects:
                         _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
-                    continue
-                log(f"[{count}/{total}] {name} ...")
-                ok = _one_run(cfg, spec, setting, seed, run_dir, bundle_cache, log)
-                (ran if ok else failed).append(name)
-                if ok and suspects:
-                    _suspects_for(cfg, run_dir, setting, seed, bundle_cache, log)
-    distributed.barrier()
-    rows = collect_rows(out)
-    table = markdown_tables(rows)
-    if main:
-        write_rows_csv(out / "all_runs.csv", rows)
-        (out / "table.md").write_text(table)
-    log(
-        f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; see {out}/table.md"
-    )
-    return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
+        distributed.barrier()
+        rows = collect_rows(out)
+        table = markdown_tables(rows)
+        if main:
+            write_rows_csv(out / "all_runs.csv", rows)
+            write_atomic(out / "table.md", table)
+        log(
+            f"{len(ran)} ran, {len(skipped)} already complete, {len(failed)} failed; "
+            f"see {out}/table.md"
+        )
+        return {"ran": ran, "skipped": skipped, "failed": failed, "rows": rows, "table": table}
 
 
 def check_suite(cfg: BenchConfig) -> None:
@@ -387,51 +393,58 @@ def _one_run(
     from lfm.train import distributed
     from lfm.train.trainer import Trainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        run_dir / RUN_SPEC,
-        {
-            "label": spec.label,
-            "method": spec.method,
-            "options": spec.options,
-            "setting": setting.name,
-            "imbalance": setting.imbalance,
-            "noise": setting.noise,
-            "seed": seed,
-            "dataset": bench.base.data.dataset,
-        },
-    )
-    t0 = time.perf_counter()
-    try:
-        cfg = run_config_for(bench.base, spec, setting, seed, run_dir)
-        _warm_up(cfg, _bundle(cfg, cache))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        bundle = _bundle(cfg, cache)  # outside the memory watch: shared by the setting's runs
-        with _RSSPeak() as mem:
-            trainer = Trainer(cfg, bundle=bundle)
-            results = trainer.run()
-        results["timing"]["peak_rss_mb"] = mem.peak_mb
-        results["bench"] = {"label": spec.label, "setting": setting.name}
-        if distributed.is_main():
-            trainer.write(results)  # again, with the bench's extra fields
-        (run_dir / FAILED).unlink(missing_ok=True)
-        accs = ", ".join(f"{n} {v['test_acc']:.4f}" for n, v in results["last"].items())
-        log(f"    done in {time.perf_counter() - t0:.1f}s: test acc {accs}")
-        return True
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failing run is recorded and the suite goes on
+    with run_folder_lock(run_dir):  # also against a `lfm train --out` of this folder
+        run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(
-            run_dir / FAILED,
+            run_dir / RUN_SPEC,
             {
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
+                "label": spec.label,
+                "method": spec.method,
+                "options": spec.options,
+                "setting": setting.name,
+                "imbalance": setting.imbalance,
+                "noise": setting.noise,
+                "seed": seed,
+                "dataset": bench.base.data.dataset,
             },
         )
-        log(f"    FAILED: {type(e).__name__}: {e}")
-        return False
+        t0 = time.perf_counter()
+        try:
+            cfg = run_config_for(bench.base, spec, setting, seed, run_dir)
+            _warm_up(cfg, _bundle(cfg, cache))
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            bundle = _bundle(cfg, cache)  # outside the memory watch: shared by the setting's runs
+            with _RSSPeak() as mem:
+                trainer = Trainer(cfg, bundle=bundle)
+                results = trainer.run()
+            timing = results["timing"]
+            # The RSS watch saw this process only: the run's figure when one process trained it
+            # all; a resumed run keeps it on its last segment and has no whole-run figure.
+            timing["segments"][-1]["peak_rss_mb"] = mem.peak_mb
+            timing["peak_rss_mb"] = None if len(timing["segments"]) > 1 else mem.peak_mb
+            results["bench"] = {"label": spec.label, "setting": setting.name}
+            if distributed.is_main():
+                trainer.write(results)  # again, with the bench's extra fields
+            (run_dir / FAILED).unlink(missing_ok=True)
+            accs = ", ".join(f"{n} {v['test_acc']:.4f}" for n, v in results["last"].items())
+            log(f"    done in {time.perf_counter() - t0:.1f}s: test acc {accs}")
+            return True
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing run is recorded and the suite goes on
+            if isinstance(e, OSError) and fs_error(e) is not None:
+                raise  # a full or read-only disk stops the suite: the CLI says it in one line
+            _write_json(
+                run_dir / FAILED,
+                {
+                    "status": "failed",
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(),
+                },
+            )
+            log(f"    FAILED: {type(e).__name__}: {e}")
+            return False
 
 
 def _suspects_for(
@@ -512,6 +525,7 @@ ROW_FIELDS = (
     "train_seconds",
     "peak_mem_mb",
     "peak_rss_mb",
+    "segments",
     "auroc",
     "precision_at_k",
     "cleanlab_auroc",
@@ -616,6 +630,10 @@ def collect_rows(path: str | Path) -> list[dict[str, Any]]:
                         "train_seconds": t["train_seconds"],
                         "peak_mem_mb": t["peak_mem_mb"],
                         "peak_rss_mb": t.get("peak_rss_mb"),
+                        # processes that trained the run (>1: resumed; cost per segment)
+                        "segments": len(t["segments"])
+                        if t.get("segments")
+                        else (None if t.get("resumed") else 1),  # None: resumed, unrecorded
                         "auroc": sus.get("auroc"),
                         "precision_at_k": _precision_at_k(sus),
                         "cleanlab_auroc": cl.get("auroc"),
@@ -645,11 +663,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """The rows as CSV with the `ROW_FIELDS` columns (missing values empty)."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in ROW_FIELDS})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in ROW_FIELDS})
+    write_atomic(path, f.getvalue())
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -754,7 +773,14 @@ def metric_table(
 
 
 def cost_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per label: mean s/iter, time per iteration relative to ce (same setting and seed), memory."""
+    """Per label: mean s/iter, time per iteration relative to ce (same setting and seed), memory.
+
+    Time is training seconds over steps, summed over a resumed run's processes, so every run
+    counts. Memory is one process's figure: it comes from the runs that one process trained
+    whole; a resumed run (``segments`` > 1) is counted in ``resumed`` and left out, and when
+    every run of a label was resumed its peak memory is the highest of its segments', with
+    ``mem_from`` "resumed" (the table says so), and its RSS growth is unknown.
+    """
     runs = {}
     for r in rows:  # one entry per run (learners share the timing)
         if r["status"] == "complete":
@@ -768,15 +794,21 @@ def cost_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k, r in mine
             if (k[1], k[2]) in ce and ce[(k[1], k[2])] > 0
         ]
-        rss = [r["peak_rss_mb"] for _, r in mine if r.get("peak_rss_mb") is not None]
+        whole = [r for _, r in mine if r.get("segments", 1) in (1, "1")]
+        resumed = len(mine) - len(whole)
+        mem_runs = whole or [r for _, r in mine]
+        mem = [r["peak_mem_mb"] for r in mem_runs if r.get("peak_mem_mb") is not None]
+        rss = [r["peak_rss_mb"] for r in whole if r.get("peak_rss_mb") is not None]
         out.append(
             {
                 "label": label,
                 "sec_per_iter": sum(r["sec_per_iter"] for _, r in mine) / len(mine),
                 "x_ce": sum(ratios) / len(ratios) if ratios else None,
-                "peak_mem_mb": max(r["peak_mem_mb"] for _, r in mine),
+                "peak_mem_mb": max(mem) if mem else None,
                 "peak_rss_mb": max(rss) if rss else None,
                 "runs": len(mine),
+                "resumed": resumed,
+                "mem_from": "whole" if whole else "resumed",
             }
         )
     return out
@@ -838,9 +870,10 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
                 c["label"],
                 fmt(c["sec_per_iter"], ".4f"),
                 fmt(c["x_ce"], ".2f"),
-                fmt(c["peak_mem_mb"], ".0f"),
-                fmt(c["peak_rss_mb"], ".0f"),
-                str(c["runs"]),
+                fmt(c["peak_mem_mb"], ".0f")
+                + (" (resumed)" if c["mem_from"] == "resumed" and c["peak_mem_mb"] else ""),
+                "resumed" if c["mem_from"] == "resumed" else fmt(c["peak_rss_mb"], ".0f"),
+                str(c["runs"]) + (f" ({c['resumed']} resumed)" if c["resumed"] else ""),
             ]
             for c in cost
         ]
@@ -849,7 +882,11 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
             "## Cost",
             "",
             "Time per iteration relative to ce on the same setting and seed; peak memory "
-            "as the trainer reports it, and the peak growth of resident memory per run.",
+            "as the trainer reports it, and the peak growth of resident memory per run. "
+            "Memory is one process's: a resumed run (trained by several processes) is left "
+            "out of it, or, where every run was resumed, marked (resumed) with the highest "
+            "of its processes' peaks; each process's cost is in the run's results.json "
+            "(timing.segments).",
             "",
             _md_table(
                 ["method", "s/iter", "× ce", "peak mem (MB)", "peak RSS growth (MB)", "runs"], body

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lfm.train.atomic import write_figure  # noqa: E402
+
 DPI = 90
 
 
@@ -28,7 +30,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keep legends placed outside the axes
+    write_figure(fig, path, dpi=DPI, bbox_inches="tight")  # keep legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -83,7 +85,7 @@ def confusion_pair(
     if suptitle:
         fig.suptitle(suptitle)
     fig.set_layout_engine("none")
-    fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
+    write_figure(fig, path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

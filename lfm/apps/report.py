@@ -42,6 +42,7 @@ from lfm.apps.bench import (
     row_name,
 )
 from lfm.errors import LFMError
+from lfm.train.atomic import write_atomic
 
 
 @dataclass
@@ -385,7 +386,7 @@ def make_report(
     figs = [_ablation(runs, g, dest, k) for k, g in enumerate(ablation_groups(runs, groups))]
     sections.append(("Ablations", [f for f in figs if f]))
     tables = markdown_tables(rows)
-    (dest / "table.md").write_text(tables)
+    write_atomic(dest / "table.md", tables)
     body = [markdown_to_html(tables)]
     for title, figs in sections:
         if figs:
@@ -400,5 +401,5 @@ def make_report(
         f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     index = dest / "index.html"
-    index.write_text(page)
+    write_atomic(index, page)
     return index

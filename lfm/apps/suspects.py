@@ -19,6 +19,7 @@ without checkpoints (or with ``--no-predict``) gets an empty ``predicted_label``
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from torch import nn
 
 from lfm.data.types import DataBundle, Split, iterate_batches
 from lfm.errors import LFMError
+from lfm.train.atomic import write_atomic
 from lfm.train.optim import OptimConfig, make_optimizer
 
 # The per-example arrays that hold a weight, in order of preference: `weight` (l2rw, mwnet,
@@ -239,7 +241,7 @@ def predicted_labels(run_dir: str | Path, learner: str | None = None) -> np.ndar
     from lfm.train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    state = CheckpointDir(run_dir / "checkpoints").latest()
+    state = CheckpointDir(run_dir / "checkpoints").latest(read_only=True)
     results_path = run_dir / "results.json"
     if state is None or not results_path.is_file():
         return None
@@ -341,10 +343,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, f.getvalue())
 
 
 # -- cleanlab ------------------------------------------------------------------------------------

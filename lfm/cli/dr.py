@@ -11,6 +11,7 @@ from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
 from lfm.methods.lfm_dr import RECOMMENDED
 from lfm.train import distributed
+from lfm.train.runlock import run_folder_lock
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
@@ -113,13 +114,15 @@ def run(args: argparse.Namespace) -> int:
         if cfg.out:
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / m))
         cfgs.append(cfg)
-    all_results = [train(cfg) for cfg in cfgs]  # results name the variant: lfm[w1-val]
-    if not distributed.is_main():  # under torchrun, rank 0 alone prints
-        return 0
-    print(setting_line(all_results[-1], args.protocol))
-    print(runs_table(all_results))
-    print(LEARNERS)
-    if args.out:
-        where = Path(args.out) / "<method>"
+    out = run_config(args, {**base, "method": "lfm"}).out  # --out, or the YAML file's
+    with run_folder_lock(out):  # the whole command: no other run may start in between
+        all_results = [train(cfg) for cfg in cfgs]  # results name the variant: lfm[w1-val]
+        if not distributed.is_main():  # under torchrun, rank 0 alone prints
+            return 0
+        print(setting_line(all_results[-1], args.protocol))
+        print(runs_table(all_results))
+        print(LEARNERS)
+    if out:
+        where = Path(out) / "<method>"
         print(f"runs written to {where}/ (results.json, per_example.npz with b and a)")
     return 0

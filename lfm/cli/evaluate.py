@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
 from lfm.device import resolve_device, seed_everything
+from lfm.train.atomic import write_json
+from lfm.train.runlock import run_folder_lock
 
 HELP = "train the evaluation network of a genotype (a JSON file or a built-in name) from scratch"
 _FLAGS = {
@@ -59,15 +61,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train the network and print its accuracy and size."""
-    from lfm.data.build import build_data
     from lfm.errors import LFMError
-    from lfm.nas import EVAL_PRESETS, EvalConfig, Genotype, run_evaluate
+    from lfm.nas import EVAL_PRESETS, EvalConfig
 
     if args.preset not in EVAL_PRESETS:
         raise LFMError(
             f"unknown evaluation preset {args.preset!r}", f"use one of {', '.join(EVAL_PRESETS)}"
         )
     cfg = config_with_overrides(EvalConfig, EVAL_PRESETS[args.preset], args, "evaluate", _FLAGS)
+    with run_folder_lock(args.out):  # before the data: a busy or unwritable folder fails at once
+        _evaluate_and_save(args, cfg)
+    return 0
+
+
+def _evaluate_and_save(args: argparse.Namespace, cfg: Any) -> None:
+    """Train, print and write evaluation.json (the caller holds the folder's lock)."""
+    from lfm.data.build import build_data
+    from lfm.nas import Genotype, run_evaluate
+
     seed_everything(cfg.seed)
     genotype = Genotype.load(args.genotype)
     bundle = build_data(data_config(args))
@@ -88,5 +99,4 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         record = {"config": cfg.__dict__, "genotype": genotype.to_dict(), **res}
-        (Path(args.out) / "evaluation.json").write_text(json.dumps(record, indent=1, default=str))
-    return 0
+        write_json(Path(args.out) / "evaluation.json", record, default=str)

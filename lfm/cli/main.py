@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except LFMError as e:
         print(f"lfm: error{_where()}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only, full or forbidden folder, a name too long
+        from lfm.train.runlock import fs_error
+
+        err = fs_error(e)
+        if err is None:
+            raise
+        print(f"lfm: error{_where()}: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
         if not is_out_of_memory(e):
             raise

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
 from lfm.device import resolve_device, seed_everything
+from lfm.train.atomic import write_json
+from lfm.train.runlock import run_folder_lock
 
 HELP = "search a cell architecture (DARTS, P-DARTS, LFM-DARTS, LFM-PDARTS) and save its genotype"
 _FLAGS = {
@@ -73,15 +75,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Search, then save and print the genotype."""
-    from lfm.data.build import build_data
-    from lfm.nas import SearchConfig, config_from_preset, plot_genotype, run_search
+    from lfm.nas import SearchConfig, config_from_preset
 
     cfg = config_with_overrides(
         SearchConfig, config_from_preset(args.preset), args, "search", _FLAGS
     )
+    out = Path(args.out)
+    with run_folder_lock(out):  # before the data: a busy or unwritable folder fails at once
+        _search_and_save(args, cfg, out)
+    return 0
+
+
+def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
+    """Search, then write and print the genotype (the caller holds the folder's lock)."""
+    from lfm.data.build import build_data
+    from lfm.nas import plot_genotype, run_search
+
     seed_everything(cfg.seed)
     bundle = build_data(data_config(args))
-    out = Path(args.out)
     result = run_search(
         bundle,
         cfg,
@@ -93,18 +104,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result.genotype.save(out / "genotype.json")
     plot_genotype(result.genotype, out / "genotype.png")
-    (out / "search.json").write_text(
-        json.dumps(
-            {
-                "config": cfg.__dict__,
-                "history": result.history,
-                "alphas": [a.tolist() for a in result.alphas],
-                "normal_ops": result.normal_ops,
-                "reduce_ops": result.reduce_ops,
-            },
-            indent=1,
-            default=str,
-        )
+    write_json(
+        out / "search.json",
+        {
+            "config": cfg.__dict__,
+            "history": result.history,
+            "alphas": [a.tolist() for a in result.alphas],
+            "normal_ops": result.normal_ops,
+            "reduce_ops": result.reduce_ops,
+        },
+        default=str,
     )
     print(f"genotype ({cfg.method}):")
     print(f"  normal: {result.genotype.normal}")
@@ -116,4 +125,3 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
         )
     print(f"written: {out}/genotype.json, {out}/genotype.png, {out}/search.json")
-    return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from lfm.cli.args import add_run_args, run_config
 from lfm.methods import METHODS
 from lfm.train import distributed
+from lfm.train.runlock import run_folder_lock
 from lfm.train.summary import runs_table
 from lfm.train.trainer import train
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.loss and not args.method:
         args.method = args.loss
     cfg = run_config(args)
-    results = train(cfg)
+    with run_folder_lock(cfg.out):  # before the data is built: a busy folder fails at once
+        results = train(cfg)
     if not distributed.is_main():  # under torchrun, rank 0 alone prints
         return 0
     print(json.dumps(results, indent=1) if args.json else runs_table([results]))

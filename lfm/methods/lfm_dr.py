@@ -488,11 +488,20 @@ class _LFMBase(Method):
             self.v_opt.load_state_dict(state["v_opt"])
         self.bank = state["bank"]
 
-    @staticmethod
-    def _floats(logs: dict[str, Tensor]) -> dict[str, float]:
-        keys = list(logs)
-        vals = torch.stack([logs[k].detach().float().reshape(()).cpu() for k in keys]).tolist()
-        return dict(zip(keys, vals, strict=True))
+    # Logged entries that are this rank's part under torchrun (distributed.global_logs): a and
+    # w are per-example over the part; dL/da is the part's rows. The losses L1 / L2, L_val,
+    # u (clean batch), b_mean (global batch) and the other hypergradients (summed over ranks)
+    # are the same on every rank already.
+    LOG_KINDS = {
+        "a_mean": distributed.LOG_MEAN,
+        "w_mean": distributed.LOG_MEAN,
+        "hg_a": distributed.LOG_NORM,
+    }
+
+    @classmethod
+    def _floats(cls, logs: dict[str, Tensor], part: distributed.Part) -> dict[str, float]:
+        """The step's logs as floats of the global batch (one all_reduce under torchrun)."""
+        return distributed.global_logs(logs, part, cls.LOG_KINDS)
 
 
 class LFMDR(_LFMBase):
@@ -576,7 +585,7 @@ class LFMDR(_LFMBase):
         self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
         logs = dict(res.logs)
         logs["b_mean"] = self.b[whole].mean()
-        return self._floats(logs)
+        return self._floats(logs, part)
 
     def models(self) -> dict[str, nn.Module]:
         """{"W1": .., "W2": ..}; in shared mode W2 is the shared body with W2's head."""
@@ -682,7 +691,7 @@ class LFMSN(_LFMBase):
         whole = idx if batch.whole is None else batch.whole
         self.a_last[whole] = part.gather(s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, s2.u, vidx)
-        return self._floats(res.logs)
+        return self._floats(res.logs, part)
 
     def models(self) -> dict[str, nn.Module]:
         """The single network, {"W": ..}."""

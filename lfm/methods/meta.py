@@ -439,7 +439,13 @@ class L2RW(_OneLearnerMeta):
         l, _ = self._real_step(x, batch.y, lambda _l: w, lr, part)
         whole = batch.idx if batch.whole is None else batch.whole
         self.last_weight[whole.cpu()] = (part.gather(w) * part.total).float().cpu()
-        return {"loss": float((w * l).sum()), "zero_weight_frac": float((w == 0).float().mean())}
+        # under torchrun: the loss is this rank's share of the global weighted sum, and the
+        # fraction this part's: both logged as the global batch's (one all_reduce)
+        return distributed.global_logs(
+            {"loss": (w * l).sum(), "zero_weight_frac": (w == 0).float().mean()},
+            part,
+            {"loss": distributed.LOG_SUM, "zero_weight_frac": distributed.LOG_MEAN},
+        )
 
 
 class MetaWeightNet(_OneLearnerMeta):
@@ -501,11 +507,13 @@ class MetaWeightNet(_OneLearnerMeta):
         w = raw[0]
         whole = batch.idx if batch.whole is None else batch.whole
         self.last_weight[whole.cpu()] = part.gather(w).cpu().to(self.last_weight.dtype)
-        return {
-            "loss": float(l.mean()),
-            "meta_loss": float(meta_loss),
-            "mean_weight": float(w.mean()),
-        }
+        # loss and weights are this rank's part under torchrun; meta_loss is the clean batch's,
+        # the same on every rank: the global batch's values in one all_reduce
+        return distributed.global_logs(
+            {"loss": l.mean(), "meta_loss": meta_loss, "mean_weight": w.mean()},
+            part,
+            {"loss": distributed.LOG_MEAN, "mean_weight": distributed.LOG_MEAN},
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Classifier state plus the weighting MLP and its optimizer."""

@@ -35,6 +35,7 @@ from lfm.train.checkpoint import (
     set_rng_state,
 )
 from lfm.train.progress import progress_bar
+from lfm.train.runlock import run_folder_lock
 
 
 @dataclass
@@ -150,83 +151,86 @@ def run_evaluate(
         "genotype": genotype.to_dict(),
         "data": data_fingerprint(bundle),
     }
-    ckpt, state = open_checkpoints(out, "evaluate", identity, resume)
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
-    if state is not None:
+    with run_folder_lock(out):  # before its checkpoints are read or cleared
+        ckpt, state = open_checkpoints(out, "evaluate", identity, resume)
+        history: list[dict] = []
+        start, elapsed = 0, 0.0
+        if state is not None:
 
-        def load() -> None:
-            nonlocal history, start, elapsed
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["gen"])
-            history, start = json.loads(state["history"]), int(state["epoch"])
-            elapsed = float(state["seconds"])
-            set_rng_state(state["rng"])  # drop-path masks
+            def load() -> None:
+                nonlocal history, start, elapsed
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                gen.set_state(state["gen"])
+                history, start = json.loads(state["history"]), int(state["epoch"])
+                elapsed = float(state["seconds"])
+                set_rng_state(state["rng"])  # drop-path masks
 
-        restore(ckpt, "`lfm evaluate`", load, progress)
-    t0 = time.time() - elapsed
-    for epoch in range(start, cfg.epochs):
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))  # cosine to 0, per epoch
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
-        tot = correct = seen = 0
-        bar = progress_bar(progress, n_batches, 0, f"evaluate epoch {epoch}")
-        for i, b in enumerate(
-            iterate_batches(data, cfg.batch_size, device=device, seed=cfg.seed, epoch=epoch)
-        ):
-            if i >= n_batches:
-                break
-            x = bundle.inputs(b.x, True)
-            if cfg.cutout > 0:
-                x = cutout(x, cfg.cutout, gen)
-            logits, aux = model(x)
-            loss = F.cross_entropy(logits, b.y)
-            if aux is not None:
-                loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, b.y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            tot += float(loss.detach()) * len(b)
-            correct += int((logits.argmax(1) == b.y).sum())
-            seen += len(b)
+            restore(ckpt, "`lfm evaluate`", load, progress)
+        t0 = time.time() - elapsed
+        for epoch in range(start, cfg.epochs):
+            lr = (
+                cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+            )  # cosine to 0, per epoch
+            for g in opt.param_groups:
+                g["lr"] = lr
+            model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
+            tot = correct = seen = 0
+            bar = progress_bar(progress, n_batches, 0, f"evaluate epoch {epoch}")
+            for i, b in enumerate(
+                iterate_batches(data, cfg.batch_size, device=device, seed=cfg.seed, epoch=epoch)
+            ):
+                if i >= n_batches:
+                    break
+                x = bundle.inputs(b.x, True)
+                if cfg.cutout > 0:
+                    x = cutout(x, cfg.cutout, gen)
+                logits, aux = model(x)
+                loss = F.cross_entropy(logits, b.y)
+                if aux is not None:
+                    loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, b.y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                tot += float(loss.detach()) * len(b)
+                correct += int((logits.argmax(1) == b.y).sum())
+                seen += len(b)
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        rec = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": tot / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "seconds": time.time() - t0,
-        }
-        history.append(rec)
-        if progress:
-            print(
-                f"[evaluate] epoch {epoch} loss {rec['train_loss']:.3f} "
-                f"acc {rec['train_acc']:.3f} ({rec['seconds']:.0f}s)",
-                flush=True,
-            )
-        if ckpt is not None:
-            snapshot = {
-                "identity": json.dumps(identity),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "gen": gen.get_state(),
-                "rng": rng_state(),
-                "history": json.dumps(history),
+                bar.close()
+            rec = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": tot / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
                 "seconds": time.time() - t0,
             }
-            ckpt.save(snapshot, epoch + 1)
-    test_acc = evaluate_accuracy(model, bundle, bundle.test, cfg.batch_size, device)
-    return {
-        "test_acc": test_acc,  # last epoch (no test-set model selection)
-        "params": count_params(model),  # DARTS's count: the auxiliary head excluded
-        "params_with_aux": count_params(model, include_auxiliary=True),
-        "history": history,
-        "genotype": genotype.to_dict(),
-    }
+            history.append(rec)
+            if progress:
+                print(
+                    f"[evaluate] epoch {epoch} loss {rec['train_loss']:.3f} "
+                    f"acc {rec['train_acc']:.3f} ({rec['seconds']:.0f}s)",
+                    flush=True,
+                )
+            if ckpt is not None:
+                snapshot = {
+                    "identity": json.dumps(identity),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "gen": gen.get_state(),
+                    "rng": rng_state(),
+                    "history": json.dumps(history),
+                    "seconds": time.time() - t0,
+                }
+                ckpt.save(snapshot, epoch + 1)
+        test_acc = evaluate_accuracy(model, bundle, bundle.test, cfg.batch_size, device)
+        return {
+            "test_acc": test_acc,  # last epoch (no test-set model selection)
+            "params": count_params(model),  # DARTS's count: the auxiliary head excluded
+            "params_with_aux": count_params(model, include_auxiliary=True),
+            "history": history,
+            "genotype": genotype.to_dict(),
+        }

@@ -109,7 +109,9 @@ class Genotype:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        from lfm.train.atomic import write_atomic
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Genotype:
@@ -291,5 +293,7 @@ def plot_genotype(genotype: Genotype, path: str | Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from lfm.train.atomic import write_figure
+
+    write_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -52,6 +52,7 @@ from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.registry import Registry
 from lfm.train.checkpoint import (
+    CheckpointDir,
     data_fingerprint,
     open_checkpoints,
     restore,
@@ -59,6 +60,7 @@ from lfm.train.checkpoint import (
     set_rng_state,
 )
 from lfm.train.progress import progress_bar
+from lfm.train.runlock import run_folder_lock
 
 ENCODERS = ("full", "shared")
 
@@ -512,15 +514,37 @@ def _search(
         raise LFMError("search needs a validation split", "build the data with val_fraction=0.5")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    e = num_edges()
-    normal_ops = [list(PRIMITIVES)] * e
-    reduce_ops = [list(PRIMITIVES)] * e
     stages = _plan(cfg, progressive)  # a function of cfg, which the identity check covers
     # persistent validation iterator: one stream for the whole search (DARTS's next(valid_queue))
     val_stream = Stream(bundle.val, cfg.batch_size, device=device, seed=cfg.seed + 1)
-    history: list[dict] = []
     identity = {"search": asdict(cfg), "data": data_fingerprint(bundle)}
-    ckpt, state = open_checkpoints(out, "search", identity, resume)
+    with run_folder_lock(out):  # before its checkpoints are read or cleared
+        ckpt, state = open_checkpoints(out, "search", identity, resume)
+        return _search_loop(
+            bundle, cfg, device, progress, progressive, lfm, stages, val_stream, gen, identity,
+            ckpt, state,
+        )  # fmt: skip
+
+
+def _search_loop(
+    bundle: DataBundle,
+    cfg: SearchConfig,
+    device: torch.device | str,
+    progress: bool,
+    progressive: bool,
+    lfm: bool,
+    stages: list,
+    val_stream: Stream,
+    gen: torch.Generator,
+    identity: dict,
+    ckpt: CheckpointDir | None,
+    state: dict | None,
+) -> SearchResult:
+    """The stages and epochs of `_search`, from `state` (None: the start) on."""
+    e = num_edges()
+    normal_ops = [list(PRIMITIVES)] * e
+    reduce_ops = [list(PRIMITIVES)] * e
+    history: list[dict] = []
     learners: _Learners | None = None
     first_stage, first_epoch, elapsed = 0, 0, 0.0
     if state is not None:

@@ -12,8 +12,6 @@ import os
 import random
 import re
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,44 +21,17 @@ import torch
 
 from lfm.data.types import DataBundle
 from lfm.errors import LFMError
+from lfm.train.atomic import (  # noqa: F401 - re-exported: the checkpoint writer's helpers
+    SLOW_WRITE_ENV,
+    atomic_write_bytes,
+    write_atomic,
+    write_figure,
+    write_json,
+)
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 # mkstemp's name for a temp file of `atomic_write_bytes`: ".<target name>.<8 random chars>.tmp"
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
-
-# Test hook, not a setting: when set to a number of seconds, `atomic_write_bytes` sleeps that
-# long between writing the temp file and renaming it, so that a test can SIGKILL a run inside
-# the write window (tests/test_kill_resume.py). Unset in normal use.
-SLOW_WRITE_ENV = "LFM_TEST_SLOW_CHECKPOINT"
-
-
-def _test_pause() -> None:
-    delay = os.environ.get(SLOW_WRITE_ENV)
-    if delay:
-        time.sleep(float(delay))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _test_pause()
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def remove_temp_files(folder: Path, target: re.Pattern[str] | None = None) -> list[Path]:
@@ -89,18 +60,37 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class CorruptCheckpoint(LFMError):
+    """A checkpoint file that is not a whole archive (truncated, emptied, overwritten)."""
+
+
 def safe_load(path: Path) -> Any:
-    """Load a checkpoint with `weights_only=True`; a file that is not one is a clear error."""
+    """Load a checkpoint with `weights_only=True`; a file that is not one is a clear error.
+
+    A file that is not a complete zip archive (what `torch.save` writes) is CorruptCheckpoint:
+    damaged, so `CheckpointDir.latest` may fall back to an older one. A whole archive that
+    `weights_only` refuses (it asks to run code) is a plain LFMError: someone made that file,
+    and the run stops rather than step around it.
+    """
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
-        raise LFMError(f"checkpoint {path} does not exist", "check the path or drop --resume")
+        raise LFMError(f"checkpoint {path} does not exist", "check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals and junk bytes raise many types; all mean "bad"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not zipfile.is_zipfile(path):
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is corrupt ({first[:160]})",
+                "delete it to start over (pass --no-resume), or move it out of the folder to "
+                "resume from the one before",
+            ) from e
         raise LFMError(
             f"checkpoint {path} is corrupt or not a plain-data checkpoint ({first[:160]})",
-            "delete it to start over, or point --resume at another checkpoint",
+            "move it out of the folder to resume from the one before, or pass --no-resume to "
+            "start over",
         ) from e
 
 
@@ -159,11 +149,36 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return path
 
-    def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint's contents, or None when there is none."""
-        self.remove_temp_files()  # a killed write leaves only a temp file, never a partial ckpt
-        paths = self.paths()
-        return safe_load(paths[-1]) if paths else None
+    def latest(self, read_only: bool = False) -> dict[str, Any] | None:
+        """The newest checkpoint that loads, or None when there is none.
+
+        A corrupt one (truncated by hand, a disk fault) is renamed `<name>.corrupt`, kept for
+        inspection, with one warning line, and the next older one is tried: the run continues
+        from the newest good state instead of stopping. Under torchrun rank 0 alone renames
+        and warns; the other ranks skip the same files. `read_only` (a reader of another
+        run's folder, e.g. `lfm suspects`, which holds no lock) changes nothing in the folder.
+        """
+        from lfm.train import distributed
+
+        if not read_only:  # a killed write leaves only a temp file, never a partial ckpt
+            self.remove_temp_files()
+        for path in reversed(self.paths()):
+            try:
+                return safe_load(path)
+            except CorruptCheckpoint as e:
+                if read_only or not path.exists():  # skip it (rank 0 may have renamed it)
+                    continue
+                older = [p for p in self.paths() if p != path]
+                if distributed.is_main():
+                    bad = path.with_name(path.name + ".corrupt")
+                    os.replace(path, bad)
+                    then = f"resuming from {older[-1].name}" if older else "starting over"
+                    print(
+                        f"lfm: warning: {e.problem}; kept as {bad.name}, {then}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        return None
 
 
 # ------------------------------------------------ identity checks for runs outside the Trainer

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +223,46 @@ class Part:
         full = v.new_zeros((self.total, *v.shape[1:]))
         full[self.offset : self.offset + self.size] = v.detach()
         return all_reduce_sum([full])[0]
+
+
+# How a logged scalar of one rank becomes the global batch's (`global_logs`).
+LOG_MEAN = "mean"  # a mean over this rank's rows: the global one weights each rank by its rows
+LOG_SUM = "sum"  # this rank's share of a sum over the global batch: the ranks' shares add up
+LOG_NORM = "norm"  # a 2-norm over this rank's rows: the global one is sqrt(sum of squares)
+
+
+def global_logs(
+    logs: Mapping[str, Tensor | float], part: Part, kinds: Mapping[str, str]
+) -> dict[str, float]:
+    """One step's logged scalars as floats, each the GLOBAL batch's value.
+
+    `kinds` names how each rank-local entry combines (LOG_MEAN, LOG_SUM, LOG_NORM); an entry
+    not in `kinds` is already the same on every rank (a summed loss, a hypergradient of the
+    global batch, a clean-batch loss) and is kept. Every local entry travels in one
+    all_reduce, once per step; in a plain run (a whole batch) nothing is communicated.
+    """
+    keys = list(logs)
+    if not keys:
+        return {}
+    dev = next((v.device for v in logs.values() if isinstance(v, Tensor)), torch.device("cpu"))
+    # one stack on the logs' device, one copy to the host at the end (one sync per step)
+    vals = torch.stack(
+        [torch.as_tensor(logs[k], device=dev).detach().reshape(()).double() for k in keys]
+    )
+    local = [i for i, k in enumerate(keys) if k in kinds]
+    if part.split and local:
+        bad = {kinds[keys[i]] for i in local} - {LOG_MEAN, LOG_SUM, LOG_NORM}
+        if bad:
+            raise ValueError(f"unknown log kinds {sorted(bad)}")
+        idx = torch.tensor(local, device=dev)
+        mine = vals[idx]
+        mean = torch.tensor([kinds[keys[i]] == LOG_MEAN for i in local], device=dev)
+        norm = torch.tensor([kinds[keys[i]] == LOG_NORM for i in local], device=dev)
+        mine = torch.where(mean, mine * (part.size / part.total), mine)
+        mine = torch.where(norm, mine * mine, mine)
+        (summed,) = all_reduce_sum([mine])
+        vals = vals.index_copy(0, idx, torch.where(norm, summed.sqrt(), summed))
+    return dict(zip(keys, vals.cpu().tolist(), strict=True))
 
 
 def part_of(batch: Batch) -> Part:

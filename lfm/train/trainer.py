@@ -45,6 +45,7 @@ from lfm.train.checkpoint import (
 from lfm.train.evaluate import evaluate
 from lfm.train.optim import lr_factor_fn
 from lfm.train.progress import progress_bar
+from lfm.train.runlock import run_folder_lock
 
 RESULTS = "results.json"
 PER_EXAMPLE = "per_example.npz"
@@ -263,6 +264,12 @@ class Trainer:
         self._last_eval: tuple[dict, dict] | None = None
         self._logs: dict[str, float] = {}  # the last step's; checkpointed, epoch records use them
         self.train_seconds = 0.0
+        # The cost of each earlier process that trained this run (a resumed run has several):
+        # {"from_step", "to_step", "train_seconds", "peak_mem_mb"}, as of its last checkpoint.
+        # This process's segment is `_segment()`; results report every segment, never only
+        # the last process's peak as the run's.
+        self.segments: list[dict[str, Any]] = []
+        self._seg_start: tuple[int, float] | None = None  # (step, train_seconds) at its start
         self.ckpt = (
             CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
         )
@@ -281,6 +288,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "logs": json.dumps({k: float(v) for k, v in self._logs.items()}),
             "train_seconds": self.train_seconds,
+            "segments": json.dumps(self.segments + ([self._segment()] if self._seg_start else [])),
             "rng": rng_state(),
             "config": json.dumps(asdict(self.cfg)),
         }
@@ -308,7 +316,21 @@ class Trainer:
         self.history = json.loads(state["history"])
         self._logs = json.loads(state.get("logs", "{}"))
         self.train_seconds = float(state["train_seconds"])
+        step = int(state["step"])
+        # a checkpoint from before segments were recorded: the earlier processes' cost is unknown
+        unknown = [{"from_step": 0, "to_step": step, "train_seconds": None, "peak_mem_mb": None}]
+        self.segments = json.loads(state["segments"]) if "segments" in state else unknown
         set_rng_state(state["rng"])
+
+    def _segment(self) -> dict[str, Any]:
+        """This process's stretch of the run so far: steps, training seconds, peak memory."""
+        step0, seconds0 = self._seg_start or (self.ctx.step, self.train_seconds)
+        return {
+            "from_step": step0,
+            "to_step": self.ctx.step,
+            "train_seconds": round(self.train_seconds - seconds0, 3),
+            "peak_mem_mb": round(_peak_memory_mb(self.device), 1),
+        }
 
     def save_checkpoint(self) -> None:
         """Write a checkpoint for the current step (rank 0 only, when there is an out folder)."""
@@ -367,7 +389,15 @@ class Trainer:
         self._last_eval = (val, test)
 
     def run(self) -> dict:
-        """Train to the end (resuming if a checkpoint exists) and return the results."""
+        """Train to the end (resuming if a checkpoint exists) and return the results.
+
+        The out folder is locked for the run (`lfm.train.runlock`) before its checkpoints are
+        read or cleared: a second run on the folder stops at once and touches nothing.
+        """
+        with run_folder_lock(self.out):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
         resumed = self.try_resume()
         distributed.check_same(ctx.step, "the step to resume from")
@@ -377,6 +407,7 @@ class Trainer:
             # run with a later step would otherwise outlive ours and be resumed next time.
             self.ckpt.clear()
         self._sync_method()
+        self._seg_start = (ctx.step, self.train_seconds)
         spe = ctx.steps_per_epoch
         show = cfg.progress and distributed.is_main()
         bar = progress_bar(show, ctx.total_steps, ctx.step, f"{self.method.name}")
@@ -439,6 +470,10 @@ class Trainer:
             )
         val, test = self._last_eval
         names = list(self.method.models())
+        segments = [*self.segments, self._segment()]
+        if self.segments and self.segments[-1]["to_step"] == self.ctx.step:
+            segments = self.segments  # resumed a finished run: this process trained nothing
+        peaks = [s["peak_mem_mb"] for s in segments]
         results = {
             "status": "complete",
             "method": self.method.label,
@@ -462,9 +497,11 @@ class Trainer:
                 "train_seconds": round(self.train_seconds, 3),
                 "sec_per_iter": self.train_seconds / max(self.ctx.step, 1),
                 "steps": self.ctx.step,
-                "peak_mem_mb": round(_peak_memory_mb(self.device), 1),
+                # the run's peak: the highest of its processes' (None: one of them unknown)
+                "peak_mem_mb": None if None in peaks else max(peaks),
                 "device": str(self.device),
                 "resumed": resumed,
+                "segments": segments,
                 "processes": distributed.world_size(),
                 "precision": self.cfg.precision,
             },
