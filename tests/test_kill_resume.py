@@ -115,18 +115,21 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight = _start(straight_dir)  # runs beside the kills (two cores, one thread each)
     rng = random.Random(SEED)
-    # anytime: a random delay from launch (may land in start-up); training: a random delay
-    # after this process wrote its first checkpoint; write: inside a checkpoint's write window.
+    # anytime: a random delay from launch (start-up or early training); training: right after
+    # this process wrote a checkpoint a random 1-8 checkpoints on, so the kill lands a number
+    # of steps in, not a number of seconds (a fast machine runs hundreds of steps a second);
+    # write: inside a checkpoint's write window.
     plan = ["anytime", "training", "write", "training", "write"]
     kills, steps = 0, []
     for mode in plan:
         before = _newest_step(killed_dir)
         proc = _start(killed_dir, slow=3.0 if mode == "write" else None)
         if mode == "anytime":
-            time.sleep(rng.uniform(0.5, 5.0))
+            time.sleep(rng.uniform(0.3, 1.5))
         elif mode == "training":
-            if _wait_for(lambda b=before: _newest_step(killed_dir) > b, proc):
-                time.sleep(rng.uniform(0.0, 0.6))
+            target = max(before, 0) + 2 * rng.randint(1, 8)  # --checkpoint-every 2
+            if _wait_for(lambda t=target: _newest_step(killed_dir) >= t, proc):
+                time.sleep(rng.uniform(0.0, 0.02))
         else:
             old = set(_temps(killed_dir))
             if _wait_for(lambda o=old: set(_temps(killed_dir)) - o, proc):
