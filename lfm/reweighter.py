@@ -15,9 +15,10 @@ What the virtual (unrolled) step mirrors: `torch.optim.SGD` (momentum, Nesterov,
 that names these. Your optimizer's state is read before each step and written back after it, so
 its `state_dict()` and a `torch.optim.lr_scheduler` on it work as usual.
 
-Data parallel (torchrun): every process passes the same global batch (a DataLoader with the
-same seed on every rank); each computes its contiguous part and the gradients and
-hypergradients are summed, so N processes learn what one does.
+Data parallel (torchrun): each process passes its own part of the global batch (e.g. from a
+`DistributedSampler`); the parts are the global batch in rank order, the gradients and
+hypergradients are summed over processes and every per-batch normalisation is over the global
+batch, so N processes learn what one process does on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lfm.data.types import Batch, DataBundle, Split, Stream
+from lfm.data.types import DataBundle, Split, Stream
 from lfm.engine.virtual import VirtualOptimizer, read_state, virtual_from_torch, write_back
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
@@ -325,7 +326,7 @@ class Reweighter:
                 "pass positions in the training set (lfm.data.IndexedDataset adds them)",
             )
         dev = self.ctx.device
-        batch = distributed.shard(Batch(x.to(dev), y.to(dev), idx.to(dev)))
+        batch = distributed.assemble(x.to(dev), y.to(dev), idx.to(dev))
         if self.source is not None:
             self.source.read()
         logs = self.method.step(batch, self.ctx)

@@ -33,3 +33,10 @@ def test_bench_nas_step_runs_small(capsys):
     assert [r["method"] for r in rows][1] == "darts-2nd" and rows[1]["x_time"] == 1.0
     assert len(rows) == 4 and all(r["sec"] > 0 and r["mib"] > 0 for r in rows)
     assert "x DARTS-2nd" in capsys.readouterr().out
+
+
+def test_bench_api_step_runs_small(capsys):
+    rows = _run("bench_api_step", ["--small", "--batch", "4", "--iters", "3"])
+    assert [r["method"] for r in rows] == ["lfm", "lfm", "mwnet", "l2rw"]
+    assert all(r["sec_method"] > 0 and r["sec_public"] > 0 for r in rows)
+    assert "public step" in capsys.readouterr().out

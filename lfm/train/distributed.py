@@ -272,6 +272,26 @@ def part_of(batch: Batch) -> Part:
     return Part(batch.offset, len(batch), len(batch.whole))
 
 
+def assemble(x: Tensor, y: Tensor, idx: Tensor) -> Batch:
+    """This rank's part (x, y, idx) of a global batch, as a Batch that knows the whole.
+
+    Under torchrun each rank passes its own examples (a DistributedSampler's, or the Trainer's
+    contiguous part); the global batch is the ranks' parts in rank order, and its positions and
+    this part's offset come from two small all-reduces. In a plain run: the batch as it is.
+    """
+    if not active():
+        return Batch(x, y, idx)
+    w, r = world_size(), rank()
+    sizes = torch.zeros(w, dtype=torch.float64)
+    sizes[r] = len(idx)
+    sizes = all_reduce_sum([sizes])[0].long().tolist()
+    offset, total = sum(sizes[:r]), sum(sizes)
+    full = torch.zeros(total, dtype=torch.float64, device=idx.device)  # exact below 2**53
+    full[offset : offset + len(idx)] = idx.double()
+    whole = all_reduce_sum([full])[0].long()
+    return Batch(x, y, idx, whole=whole, offset=offset)
+
+
 def shard(batch: Batch) -> Batch:
     """This rank's contiguous part of a global batch (the batch itself in a plain run)."""
     if not active():

@@ -369,7 +369,7 @@ class Trainer:
                 epoch=p,
                 start=k,
             ):
-                yield batch  # the global batch: Reweighter.step takes this rank's part
+                yield distributed.shard(batch)  # every rank: the same global batch, its part
                 step += 1
                 if step >= stop:
                     return
