@@ -8,7 +8,7 @@ from lfm.data.cifar import load_cifar, read_cifar_batch, safe_load_pickle
 from lfm.data.config import DataConfig
 from lfm.data.imagefolder import ImageFiles
 from lfm.data.lazy import DatasetExamples, LazyExamples
-from lfm.data.loader import IndexedDataset, collate_batch, indexed_loader
+from lfm.data.loader import IndexedDataset, collate_batch, indexed_loader, split_from_dataset
 from lfm.data.longtail import longtail_counts, longtail_counts_for, subsample_longtail
 from lfm.data.noise import NoiseSpec, inject_noise, parse_noise, transition_matrix
 from lfm.data.splits import random_fraction, stratified_fraction, take_per_class
@@ -42,6 +42,7 @@ __all__ = [
     "random_fraction",
     "read_cifar_batch",
     "safe_load_pickle",
+    "split_from_dataset",
     "stratified_fraction",
     "subsample_longtail",
     "take_per_class",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from lfm.data.lazy import DEFAULT_WORKERS
+from lfm.data.lazy import DEFAULT_WORKERS, DatasetExamples
 from lfm.data.types import Batch, Split
 
 
@@ -177,3 +177,62 @@ def loader_batches(
     )
     for b in loader:
         yield b.to(device, non_blocking=True)
+
+
+def split_from_dataset(
+    dataset: Dataset,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    *,
+    y_true: torch.Tensor | Sequence[int] | None = None,
+    in_memory: bool = False,
+    num_workers: int = DEFAULT_WORKERS,
+) -> Split:
+    """A `Split` over any map-style ``Dataset`` of ``(x, y)`` items, for a ``DataBundle``.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        Map-style; ``dataset[i][0]`` is example i's input (a tensor or array of one shape).
+    labels : tensor or sequence of int, optional
+        The labels training sees. Default: ``dataset.targets`` when it has that attribute (as
+        torchvision-style sets do), else ``dataset[i][1]`` read once with the loader workers.
+    y_true : tensor or sequence of int, optional
+        Clean labels, where known (enables the noise mask ``split.noisy``).
+    in_memory : bool, default False
+        Read every input into one tensor now (the fast path for a set that fits in memory);
+        otherwise inputs are read on demand, by `num_workers` loader processes, each epoch.
+    num_workers : int, default 2
+        Loader processes for reading the inputs.
+
+    Returns
+    -------
+    Split
+        ``origin`` = ``arange(len(dataset))``; ``x`` a tensor (`in_memory`) or ``DatasetExamples``.
+
+    Example
+    -------
+    >>> ds = torch.utils.data.TensorDataset(torch.randn(50, 4), torch.randint(0, 3, (50,)))
+    >>> split = split_from_dataset(ds)
+    >>> split.streaming, len(split)
+    (True, 50)
+    """
+    x = DatasetExamples(dataset, num_workers)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        loader = DataLoader(
+            IndexedDataset(dataset),
+            batch_size=256,
+            num_workers=num_workers if len(x) > 256 else 0,
+            collate_fn=_labels_of,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+        )
+        labels = [v for chunk in loader for v in chunk]
+    y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    yt = None if y_true is None else torch.as_tensor(y_true, dtype=torch.int64).reshape(-1)
+    return Split(x.materialize() if in_memory else x, y, torch.arange(len(y)), yt)
+
+
+def _labels_of(items: Sequence[tuple[Any, ...]]) -> list[int]:
+    # Module level, not a lambda: a loader started with "spawn" pickles its collate function.
+    return [int(it[1]) for it in items]
