@@ -291,7 +291,7 @@ def load_imagefolder_raw(cfg: DataConfig) -> RawData:
             "mean": mean,
             "std": std,
             "streaming": streaming,
-            "decoded_mb": round(decoded / 2**20, 1),
+            "decoded_mb": round(decoded / 2**20, 3),
             "memory_budget_mb": cfg.memory_budget_mb,
         },
     )
