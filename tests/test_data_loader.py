@@ -99,3 +99,22 @@ def test_lazy_subset_concat_and_indexing_match_tensors():
     assert both.streaming and torch.equal(both.x.materialize(), torch.cat([x[idx], x[:2]]))
     with pytest.raises(IndexError):
         lazy[30]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_data_parallel_parts_are_the_shards_of_each_batch(streaming):
+    """`part=(world, rank)` gives what lfm.train.distributed.shard cuts from the whole batch."""
+    from lfm.train.distributed import shard_bounds
+
+    split = split_from_dataset(_tensor_set(50), in_memory=not streaming, num_workers=0)
+    whole = list(iterate_batches(split, 16, seed=2, epoch=1, start=1))
+    for r in range(3):
+        parts = list(iterate_batches(split, 16, seed=2, epoch=1, start=1, part=(3, r)))
+        assert len(parts) == len(whole) == 3
+        for p, w in zip(parts, whole, strict=True):
+            off, size = shard_bounds(len(w), 3, r)
+            assert (p.offset, len(p)) == (off, size) and torch.equal(p.whole, w.idx)
+            assert torch.equal(p.idx, w.idx[off : off + size])
+            assert torch.equal(p.x, w.x[off : off + size]) and torch.equal(
+                p.y, w.y[off : off + size]
+            )

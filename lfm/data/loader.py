@@ -148,26 +148,20 @@ def indexed_loader(
 
 def loader_batches(
     split: Split,
-    order: torch.Tensor,
-    batch_size: int,
-    start: int,
-    stop: int,
+    chunks: Sequence[torch.Tensor],
     device: torch.device | str,
     seed: int = 0,
     epoch: int = 0,
 ) -> Iterator[Batch]:
-    """`iterate_batches` on a streaming split: the batches ``order[s : s + batch_size]`` for s in
-    ``range(start * batch_size, stop, batch_size)``, read through a DataLoader with the split's
-    loader workers. Its batch sampler is that fixed list, so the order is the in-memory path's."""
-    bs = batch_size
-    chunks = [order[s : s + bs].tolist() for s in range(start * bs, stop, bs)]
-    if not chunks:
-        return
+    """`iterate_batches` on a streaming split: one batch per position tensor of `chunks`, read
+    through a DataLoader with the split's loader workers. Its batch sampler is that fixed list,
+    so the order is the in-memory path's."""
     device = torch.device(device)
     workers = int(getattr(split.x, "num_workers", 0))
+    full = [c.tolist() for c in chunks if len(c)]  # a loader cannot collate an empty batch
     loader = DataLoader(
         IndexedDataset(split),
-        batch_sampler=chunks,
+        batch_sampler=full,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate_batch,
@@ -175,8 +169,14 @@ def loader_batches(
         # global RNG, which would shift every later augmentation draw (and break exact resume).
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )
-    for b in loader:
-        yield b.to(device, non_blocking=True)
+    it = iter(loader) if full else iter(())
+    for c in chunks:
+        if len(c):
+            yield next(it).to(device, non_blocking=True)
+        else:  # a data-parallel part of a short last batch: no rows for this process
+            x = torch.zeros((0, *split.x.shape[1:]), dtype=split.x.dtype, device=device)
+            e = torch.zeros(0, dtype=torch.int64, device=device)
+            yield Batch(x, e, e.clone())
 
 
 def split_from_dataset(

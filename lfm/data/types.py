@@ -153,6 +153,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     return torch.randperm(n, generator=g)
 
 
+def part_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """(offset, size) of process `rank`'s contiguous part of `n` rows (``torch.tensor_split``)."""
+    q, extra = divmod(n, world)
+    return rank * q + min(rank, extra), q + (1 if rank < extra else 0)
+
+
 def iterate_batches(
     split: Split,
     batch_size: int,
@@ -163,6 +169,7 @@ def iterate_batches(
     epoch: int = 0,
     start: int = 0,
     drop_last: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
     """Batches of one epoch, starting at batch `start` (for resuming mid-epoch).
 
@@ -170,22 +177,38 @@ def iterate_batches(
     splits alike; a streaming split's batches are read by a DataLoader with the split's
     ``x.num_workers`` loader processes (pinned memory when `device` is CUDA), so a run gives the
     same batches, and resumes at the same one, whichever way its data are held.
+
+    ``part=(world, rank)`` (data parallel) yields process `rank`'s contiguous part of each batch,
+    with ``whole`` (the batch's positions) and ``offset`` set as ``lfm.train.distributed.shard``
+    sets them; only that part is gathered, or read from disk.
     """
     order = epoch_order(len(split), seed, epoch, shuffle)
     n = len(order)
     stop = n - (n % batch_size) if drop_last else n
+    chunks = [order[s : s + batch_size] for s in range(start * batch_size, stop, batch_size)]
+    offsets = [0] * len(chunks)
+    if part is not None:
+        bounds = [part_bounds(len(c), part[0], part[1]) for c in chunks]
+        offsets = [off for off, _ in bounds]
+        wholes = chunks
+        chunks = [c[off : off + size] for c, (off, size) in zip(chunks, bounds, strict=True)]
     if split.streaming:
         from lfm.data.loader import loader_batches  # late: the loader module imports this one
 
-        yield from loader_batches(split, order, batch_size, start, stop, device, seed, epoch)
-        return
-    for s in range(start * batch_size, stop, batch_size):
-        idx = order[s : s + batch_size]
-        yield Batch(
-            split.x[idx].to(device, non_blocking=True),
-            split.y[idx].to(device, non_blocking=True),
-            idx.to(device, non_blocking=True),
+        batches = loader_batches(split, chunks, device, seed, epoch)
+    else:
+        batches = (
+            Batch(
+                split.x[idx].to(device, non_blocking=True),
+                split.y[idx].to(device, non_blocking=True),
+                idx.to(device, non_blocking=True),
+            )
+            for idx in chunks
         )
+    for i, b in enumerate(batches):
+        if part is not None:
+            b.whole, b.offset = wholes[i].to(device, non_blocking=True), offsets[i]
+        yield b
 
 
 class Stream:

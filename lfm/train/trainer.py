@@ -263,6 +263,9 @@ class Trainer:
         """Batches for global steps [start, stop): passes over the method's split, in the order
         that is a pure function of (seed, pass), so a resumed run sees the same batches."""
         per_pass = max(1, math.ceil(len(self.split) / self.cfg.batch_size))
+        # Every rank: the same global batch, its own part (only that part is read, which
+        # matters when a streamed split decodes it from disk).
+        part = (distributed.world_size(), distributed.rank()) if distributed.active() else None
         step = start
         while step < stop:
             p, k = divmod(step, per_pass)
@@ -273,8 +276,9 @@ class Trainer:
                 seed=self.cfg.seed,
                 epoch=p,
                 start=k,
+                part=part,
             ):
-                yield distributed.shard(batch)  # every rank: the same global batch, its part
+                yield batch
                 step += 1
                 if step >= stop:
                     return
