@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lfm.config import ModelConfig, RunConfig
-from lfm.data import DataConfig, ImageFiles, build_data
+from lfm.data import DataConfig, ImageFiles, build_data, iterate_batches
 from lfm.train.trainer import Trainer
 
 CLASSES, PER_CLASS, TEST_PER_CLASS, SIZE = 3, 30, 4, 8
@@ -135,3 +135,18 @@ def test_streamed_run_resumes_exactly(folder, tmp_path):
     assert again.run()["timing"]["resumed"]
     for k, v in again.method.models()["model"].state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+
+
+def test_an_unreadable_image_met_by_a_worker_is_a_one_line_error(folder, tmp_path):
+    import shutil
+
+    from lfm.errors import LFMError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "test" / "class1" / "2.png").write_bytes(b"not a png")
+    b = build_data(_data(bad))  # train statistics and validation decode fine; test streams
+    with pytest.raises(LFMError) as e:
+        list(iterate_batches(b.test, 5))  # decoded in the 2 loader workers
+    assert str(e.value).startswith("cannot read image") and "2.png" in str(e.value)
+    assert "Traceback" not in str(e.value) and e.value.fix == "remove or replace the file"

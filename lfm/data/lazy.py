@@ -13,10 +13,16 @@ items are ``(x, y)``; ``lfm.data.imagefolder.ImageFiles`` decodes image files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
+
+from lfm.errors import LFMError
+
+T = TypeVar("T")
 
 # Loader processes per streaming split: two keep a small CNN fed on CPU without taking every core.
 DEFAULT_WORKERS = 2
@@ -84,12 +90,13 @@ class LazyExamples(Dataset):
         from torch.utils.data import DataLoader
 
         workers = self.num_workers if len(self) > batch_size else 0  # a few: not worth a process
-        yield from DataLoader(
+        loader = DataLoader(
             _Positions(self),
             batch_size=batch_size,
             num_workers=workers,
             generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
         )
+        yield from read_loader(loader)
 
     def materialize(self, batch_size: int = 256) -> torch.Tensor:
         """Every example read into one ``(N, *example_shape)`` tensor, with the loader workers."""
@@ -190,6 +197,46 @@ class DatasetExamples(LazyExamples):
     def load(self, i: int) -> torch.Tensor:
         item = self.dataset[i]
         return torch.as_tensor(item[0] if isinstance(item, tuple | list) else item)
+
+
+def read_loader(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a DataLoader; when a worker fails, stop its workers at once and raise its error.
+
+    An LFMError comes back as its own one line (`worker_error`). The workers are shut down
+    explicitly because the worker's error sits in a reference cycle with the loader's iterator:
+    left to the garbage collector, the shutdown meets half-cleared queues and waits 5 s per
+    worker, or runs in a later loader's forked workers.
+    """
+    it = iter(loader)
+    failed: BaseException | None = None
+    while failed is None:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            failed = worker_error(e) if isinstance(e, LFMError) else e
+            break
+        yield item
+    shutdown = getattr(it, "_shutdown_workers", None)  # torch's own teardown, if it has one
+    if shutdown is not None:
+        shutdown()
+    del it
+    gc.collect()
+    raise failed
+
+
+def worker_error(e: LFMError) -> LFMError:
+    """The LFMError a loader worker raised, as its one line (problem, fix) again.
+
+    A DataLoader re-raises a worker's exception with the worker's whole traceback as its message;
+    the command line prints an LFMError as one line, so the original one is recovered here.
+    """
+    text, marker = str(e), "LFMError: "
+    if "DataLoader worker" not in text or marker not in text:
+        return e
+    problem, sep, fix = text.rsplit(marker, 1)[1].strip().partition(". Fix: ")
+    return LFMError(problem, fix if sep else None)
 
 
 def take(x: torch.Tensor | LazyExamples, idx: torch.Tensor) -> torch.Tensor | LazyExamples:

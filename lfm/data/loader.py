@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from lfm.data.lazy import DEFAULT_WORKERS, DatasetExamples
+from lfm.data.lazy import DEFAULT_WORKERS, DatasetExamples, read_loader
 from lfm.data.types import Batch, Split
 
 
@@ -169,7 +169,7 @@ def loader_batches(
         # global RNG, which would shift every later augmentation draw (and break exact resume).
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )
-    it = iter(loader) if full else iter(())
+    it = read_loader(loader) if full else iter(())
     for c in chunks:
         if len(c):
             yield next(it).to(device, non_blocking=True)
