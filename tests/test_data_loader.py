@@ -118,3 +118,21 @@ def test_data_parallel_parts_are_the_shards_of_each_batch(streaming):
             assert torch.equal(p.x, w.x[off : off + size]) and torch.equal(
                 p.y, w.y[off : off + size]
             )
+
+
+def test_trainer_trains_on_a_users_dataset_read_on_demand(digits_images):
+    """A TensorDataset as a streamed train split (2 loader workers) = the same data in memory."""
+    from lfm.config import ModelConfig, RunConfig
+    from lfm.data import DataBundle
+    from lfm.train.trainer import Trainer
+
+    ref = digits_images(300, 50)
+    ds = TensorDataset(ref.train.x, ref.train.y)
+    results = []
+    for in_memory in (False, True):
+        train = split_from_dataset(ds, in_memory=in_memory, num_workers=2)
+        bundle = DataBundle("mine", 10, (1, 8, 8), train, ref.val, ref.test)
+        cfg = RunConfig(method="ce", model=ModelConfig("mlp"), epochs=2, batch_size=64)
+        cfg.progress, cfg.device = False, "cpu"
+        results.append(Trainer(cfg, bundle=bundle).run()["history"])
+    assert results[0] == results[1]

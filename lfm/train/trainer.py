@@ -81,6 +81,8 @@ def check_bundle(bundle: DataBundle) -> None:
                     f"give labels 0..{c - 1}, or set num_classes to the number of classes",
                 )
         x = split.x
+        if split.streaming:
+            continue  # inputs read on demand: checking them here would read the whole set
         if x.dtype.is_floating_point and len(x) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if x.dim() > 1 else -1
             raise LFMError(
