@@ -99,6 +99,7 @@ def test_streamed_folder_trains_end_to_end_with_two_loader_workers(folder, tmp_p
     assert main(argv) in (0, None)
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["streaming"] and res["data"]["config"]["loader_workers"] == 2
+    assert res["data"]["config"]["memory_budget_mb"] == BUDGET_MB  # the flag reached the config
     assert res["timing"]["steps"] == 2 * -(-res["data"]["sizes"]["train"] // 16)  # 2 epochs
     assert len(res["history"]) == 2 and set(res["last"]) == {"W1", "W2"}
     z = np.load(out / "per_example.npz")
@@ -150,3 +151,13 @@ def test_an_unreadable_image_met_by_a_worker_is_a_one_line_error(folder, tmp_pat
         list(iterate_batches(b.test, 5))  # decoded in the 2 loader workers
     assert str(e.value).startswith("cannot read image") and "2.png" in str(e.value)
     assert "Traceback" not in str(e.value) and e.value.fix == "remove or replace the file"
+
+
+def test_budget_and_workers_are_validated():
+    from lfm.errors import LFMError
+
+    with pytest.raises(LFMError, match="--memory-budget-mb"):
+        DataConfig(memory_budget_mb=-1).validate()
+    with pytest.raises(LFMError, match="--loader-workers"):
+        DataConfig(loader_workers=-1).validate()
+    assert DataConfig().memory_budget_mb == 2048 and DataConfig().loader_workers == 2
