@@ -14,6 +14,7 @@ items are ``(x, y)``; ``lfm.data.imagefolder.ImageFiles`` decodes image files.
 from __future__ import annotations
 
 import gc
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
@@ -39,6 +40,18 @@ class LazyExamples(Dataset):
         Dtype of every example ``load`` returns (uint8 for images).
     num_workers : int
         Loader processes ``iterate_batches`` reads these examples with (0 = in this process).
+
+    Example
+    -------
+    >>> class Squares(LazyExamples):
+    ...     example_shape, dtype = (1,), torch.float32
+    ...     def __len__(self):
+    ...         return 10
+    ...     def load(self, i):
+    ...         return torch.tensor([float(i * i)])
+    >>> split = Split(Squares(), torch.zeros(10, dtype=torch.int64), torch.arange(10))
+    >>> next(iterate_batches(split, 4, shuffle=False)).x.flatten().tolist()
+    [0.0, 1.0, 4.0, 9.0]
     """
 
     example_shape: tuple[int, ...] = ()
@@ -70,8 +83,8 @@ class LazyExamples(Dataset):
         # as `tensor[idx]` would: for the odd lookup (an encoder cache), not for epochs.
         if isinstance(i, slice):
             i = range(*i.indices(len(self)))
-        if isinstance(i, torch.Tensor) and i.dim() == 0:
-            i = int(i)
+        if (isinstance(i, torch.Tensor) and i.dim() == 0) or isinstance(i, numbers.Integral):
+            i = int(i)  # a 0-d tensor or a numpy integer is one position
         if isinstance(i, int):
             if not -len(self) <= i < len(self):
                 raise IndexError(f"index {i} out of range for {len(self)} examples")
