@@ -15,8 +15,9 @@ Streaming: when the decoded images (N x 3 x S x S bytes, train and test) would e
 ``memory_budget_mb``, only paths and labels are kept; train and test hold :class:`ImageFiles`,
 which decode (and resize) an image in ``load(i)``, in ``loader_workers`` loader processes
 during training and evaluation. The clean validation set is small and is decoded into memory.
-Decoding is the same function either way, so a streamed folder gives the same pixels, statistics
-and results as the same folder in memory.
+Decoding is the same function either way, so a streamed folder gives the same pixels, and, up
+to ``STATS_MAX_IMAGES`` train images, the same statistics and results as the same folder in
+memory (beyond it the statistics of a streamed folder come from a seeded sample).
 """
 
 from __future__ import annotations
@@ -160,10 +161,10 @@ STATS_MAX_IMAGES = 20_000
 def channel_stats(x: torch.Tensor | LazyExamples, seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and (unbiased) std of uint8 images in [0, 1], from exact integer sums.
 
-    The sums of pixel values and of their squares are exact in int64, so the result does not
-    depend on how the images are batched: a streamed folder and the same folder in memory get
-    the same statistics, bit for bit. LazyExamples beyond ``STATS_MAX_IMAGES`` use a seeded
-    sample of that many.
+    The sums of pixel values and of their squares come exactly from per-channel histograms, so
+    the result does not depend on how the images are batched: a streamed folder and the same
+    folder in memory get the same statistics, bit for bit. LazyExamples beyond
+    ``STATS_MAX_IMAGES`` use a seeded sample of that many (then the two differ slightly).
 
     Example
     -------
