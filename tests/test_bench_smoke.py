@@ -40,3 +40,14 @@ def test_bench_api_step_runs_small(capsys):
     assert [r["method"] for r in rows] == ["lfm", "lfm", "mwnet", "l2rw"]
     assert all(r["sec_method"] > 0 and r["sec_public"] > 0 for r in rows)
     assert "public step" in capsys.readouterr().out
+
+
+def test_bench_streaming_runs_small(capsys):
+    argv = ["--images", "120", "--classes", "3", "--src-size", "12", "--image-size", "8"]
+    argv += ["--malloc-default"]  # mallopt would change this whole test process's allocator
+    rows = _run("bench_streaming", argv + ["--budget-mb", "0.01", "--batch", "16"])
+    assert [r["path"] for r in rows] == ["streaming", "in memory"]
+    assert rows[0]["workers"] == 2 and rows[0]["decoded_mb"] > 0.01
+    assert all(r["data_eps"] > 0 and r["step_eps"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "peak RSS growth" in out and "examples/s, data only" in out

@@ -24,6 +24,8 @@ _DATA = {
     "mnist1d_samples": "mnist1d_samples",
     "image_size": "image_size",
     "label_from": "label_from",
+    "memory_budget_mb": "memory_budget_mb",
+    "loader_workers": "loader_workers",
 }
 _OPTIM = {
     "optimizer": "optimizer",
@@ -113,6 +115,17 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
         "--label-from",
         choices=["folder", "filename"],
         help="image folder labels: sub-folder names, or file names' leading number (ANIMAL-10N)",
+    )
+    g.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="an image folder larger than this decoded (MiB) streams from disk (default 2048; "
+        "0 = always stream)",
+    )
+    g.add_argument(
+        "--loader-workers",
+        type=int,
+        help="loader processes decoding a streamed image folder (default 2; 0 = none)",
     )
     g = p.add_argument_group("model")
     g.add_argument(

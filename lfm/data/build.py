@@ -9,6 +9,10 @@ Order of operations (Meta-Weight-Net's protocol, which the paper's DR experiment
 4. inject label noise into train only; validation and test stay clean;
 5. bundle, recording how it was built in ``bundle.info``.
 
+A streamed source (an image folder over its memory budget, see `lfm.data.imagefolder`) goes
+through the same steps: they act on labels and positions, so train and test stay on disk; the
+clean validation set is small and is decoded into memory.
+
 Each random step draws from its own seed derived from ``cfg.seed``, so changing, say, the
 noise does not change which examples form the validation set.
 """
@@ -22,6 +26,7 @@ import torch
 from lfm.data import cifar, imagefolder  # noqa: F401  (registers cifar10/100 and imagefolder)
 from lfm.data.builtin import DATASETS, RawData
 from lfm.data.config import DataConfig
+from lfm.data.lazy import in_memory, take
 from lfm.data.longtail import img_max_for, longtail_counts_for, subsample_longtail
 from lfm.data.noise import inject_noise, parse_noise, transition_matrix
 from lfm.data.splits import derive_seed, random_fraction, take_per_class
@@ -113,9 +118,11 @@ def build_data(cfg: DataConfig) -> DataBundle:
     transition_matrix(spec, c)  # checks a matrix spec against the class count before drawing
     y_noisy = inject_noise(y_clean, c, spec, seed=derive_seed(cfg.seed, "noise"))
 
-    train = Split(raw.x_train[rest], y_noisy, raw.origin_train[rest], y_clean.clone())
+    train = Split(take(raw.x_train, rest), y_noisy, raw.origin_train[rest], y_clean.clone())
     yv = y_src[val_idx]
-    val = Split(raw.x_train[val_idx], yv, raw.origin_train[val_idx], yv.clone())
+    # In memory even when train streams: the validation stream samples it every LFM step.
+    xv = in_memory(take(raw.x_train, val_idx))
+    val = Split(xv, yv, raw.origin_train[val_idx], yv.clone())
     test = Split(raw.x_test, raw.y_test, raw.origin_test, raw.y_test.clone())
 
     noisy = train.noisy
@@ -137,6 +144,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         "noise": str(spec),
         "noise_rate": float(noisy.float().mean()) if len(train) else 0.0,
         "seed": cfg.seed,
+        "streaming": train.streaming,
         "class_names": raw.class_names,
         "source": raw.info,
         "config": cfg.to_dict(),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lfm.data.config import DataConfig
+from lfm.data.lazy import LazyExamples
 from lfm.data.splits import derive_seed, stratified_fraction
 from lfm.registry import Registry
 
@@ -30,9 +31,10 @@ class RawData:
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
-    x_train: torch.Tensor  # (N, ...) float32, or uint8 images (N, C, H, W)
+    # (N, ...) float32, or uint8 images (N, C, H, W); LazyExamples for a streamed source.
+    x_train: torch.Tensor | LazyExamples
     y_train: torch.Tensor  # (N,) int64
-    x_test: torch.Tensor
+    x_test: torch.Tensor | LazyExamples
     y_test: torch.Tensor
     # Index of each example in the source files (see build_data for what "source" means per set).
     origin_train: torch.Tensor

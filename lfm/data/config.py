@@ -52,6 +52,12 @@ class DataConfig:
     augment: bool = True
     # Class-per-subfolder is the common layout; "filename" reads ANIMAL-10N's `3_00123.jpg`.
     label_from: str = "folder"
+    # An image folder whose decoded images (N x 3 x S x S bytes) exceed this many MiB is read
+    # from disk batch by batch instead of loaded whole; 2 GiB keeps CIFAR-sized sets in memory
+    # (the fast path) and streams Clothing1M-sized ones. 0 streams every folder.
+    memory_budget_mb: float = 2048.0
+    # Loader processes that decode a streamed folder (ignored in memory); 0 = in the main process.
+    loader_workers: int = 2
 
     def validate(self) -> DataConfig:
         """Check every field; raise LFMError naming the first bad one. Returns self."""
@@ -92,6 +98,8 @@ class DataConfig:
                 f"augment must be true or false, got {shown(self.augment)}", "write true or false"
             )
         _choice(self, "label_from", LABEL_SOURCES)
+        _float(self, "memory_budget_mb", lo=0.0)
+        _int(self, "loader_workers", lo=0)
         return self
 
     def to_dict(self) -> dict:

@@ -10,10 +10,19 @@ Layouts understood (train folder first found wins: ``train/``, ``training/``, el
 Without a test folder (``test/`` or ``testing/``), a stratified ``test_fraction`` of train
 becomes the test set. Images are converted to RGB, resized to image_size x image_size, and
 stored as uint8 (N, 3, S, S); normalisation statistics come from the source train images.
+
+Streaming: when the decoded images (N x 3 x S x S bytes, train and test) would exceed
+``memory_budget_mb``, only paths and labels are kept; train and test hold :class:`ImageFiles`,
+which decode (and resize) an image in ``load(i)``, in ``loader_workers`` loader processes
+during training and evaluation. The clean validation set is small and is decoded into memory.
+Decoding is the same function either way, so a streamed folder gives the same pixels, and, up
+to ``STATS_MAX_IMAGES`` train images, the same statistics and results as the same folder in
+memory (beyond it the statistics of a streamed folder come from a seeded sample).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +31,7 @@ import torch
 from lfm.data.augment import ImagePrepare
 from lfm.data.builtin import DATASETS, RawData
 from lfm.data.config import DataConfig
+from lfm.data.lazy import LazyExamples, take
 from lfm.data.splits import derive_seed, stratified_fraction
 from lfm.errors import LFMError
 
@@ -84,23 +94,111 @@ def list_by_filename(d: Path) -> tuple[list[Path], list[int]]:
     return paths, [label_from_filename(p) for p in paths]
 
 
-def load_images(paths: list[Path], size: int) -> np.ndarray:
-    """Read images as RGB, resize to size x size: uint8 (N, 3, size, size)."""
+def load_image(path: Path | str, size: int) -> np.ndarray:
+    """One image as RGB, resized to size x size: uint8 (3, size, size)."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            # (H, W, 3) -> (3, H, W); a contiguous, writable copy (PIL's array is read-only).
+            return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise LFMError(
+            f"cannot read image {str(path)!r}: {e}", "remove or replace the file"
+        ) from None
+
+
+def load_images(paths: list[Path], size: int) -> np.ndarray:
+    """Read images as RGB, resize to size x size: uint8 (N, 3, size, size)."""
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise LFMError(
-                f"cannot read image {str(p)!r}: {e}", "remove or replace the file"
-            ) from None
+        out[i] = load_image(p, size)
     return out
+
+
+class ImageFiles(LazyExamples):
+    """Image files decoded on demand: ``load(i)`` is ``paths[i]`` as uint8 (3, size, size).
+
+    Parameters
+    ----------
+    paths : list of str or Path
+        One file per example, in example order.
+    size : int
+        Side every image is resized to (bilinear), as the in-memory path does.
+    num_workers : int, default 2
+        Loader processes ``iterate_batches`` decodes these files with.
+
+    Example
+    -------
+    >>> files = ImageFiles(["a.png", "b.png"], 32)
+    >>> files.shape, files.nbytes  # (torch.Size([2, 3, 32, 32]), 6144): nothing read yet
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[Path] | list[str], size: int, num_workers: int = 2):
+        # str, not Path: a million Paths cost several times the memory of their strings.
+        self.paths = [str(p) for p in paths]
+        self.size, self.num_workers = int(size), int(num_workers)
+        self.example_shape = (3, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(load_image(self.paths[i], self.size))
+
+
+# A streamed folder's normalisation statistics come from at most this many train images (a
+# seeded sample beyond it): a full decoding pass over a million images only to find 6 numbers
+# would cost as much as an epoch. In memory, and for smaller folders, every image counts.
+STATS_MAX_IMAGES = 20_000
+
+
+def channel_stats(x: torch.Tensor | LazyExamples, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images in [0, 1], from exact integer sums.
+
+    The sums of pixel values and of their squares come exactly from per-channel histograms, so
+    the result does not depend on how the images are batched: a streamed folder and the same
+    folder in memory get the same statistics, bit for bit. LazyExamples beyond
+    ``STATS_MAX_IMAGES`` use a seeded sample of that many (then the two differ slightly).
+
+    Example
+    -------
+    >>> channel_stats(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
+    ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    """
+    if isinstance(x, LazyExamples) and len(x) > STATS_MAX_IMAGES:
+        g = torch.Generator().manual_seed(seed)
+        x = x.take(torch.sort(torch.randperm(len(x), generator=g)[:STATS_MAX_IMAGES]).values)
+    c = x.shape[1]
+    # Per-channel histograms of the 256 pixel values: exact sums from counts, and no int64 or
+    # float copy of the images (which would cost 8x or 4x their size).
+    hist = torch.zeros(c, 256, dtype=torch.int64)
+    for xb in _chunks(x, 256):
+        for k in range(c):
+            hist[k] += torch.bincount(xb[:, k].reshape(-1), minlength=256)
+    v = torch.arange(256, dtype=torch.int64)
+    n = int(hist[0].sum())
+    if n == 0:
+        return [0.0] * c, [1.0] * c
+    sums = (hist * v).sum(1).tolist()
+    sqs = (hist * v * v).sum(1).tolist()
+    mean = [t / n / 255.0 for t in sums]
+    # n * sum(x^2) - (sum x)^2 is an exact integer (python ints do not overflow).
+    var = [(n * q - t * t) / (n * max(n - 1, 1)) / 255.0**2 for t, q in zip(sums, sqs, strict=True)]
+    return mean, [max(w, 0.0) ** 0.5 for w in var]
+
+
+def _chunks(x: torch.Tensor | LazyExamples, size: int) -> Iterator[torch.Tensor]:
+    if isinstance(x, LazyExamples):
+        yield from x.batches(size)
+        return
+    for i in range(0, len(x), size):
+        yield x[i : i + size]
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -145,10 +243,19 @@ def load_imagefolder_raw(cfg: DataConfig) -> RawData:
             "check --data-root and --label-from",
         )
 
-    x = torch.from_numpy(load_images(paths, cfg.image_size))
+    # Decoded size of train + test; past the budget only paths and labels stay in memory.
+    decoded = (len(paths) + len(tpaths)) * 3 * cfg.image_size**2
+    streaming = decoded > cfg.memory_budget_mb * 2**20
+
+    def images(ps: list[Path]) -> torch.Tensor | LazyExamples:
+        if streaming:
+            return ImageFiles(ps, cfg.image_size, cfg.loader_workers)
+        return torch.from_numpy(load_images(ps, cfg.image_size))
+
+    x = images(paths)
     y = torch.tensor(labels, dtype=torch.int64)
     if test_dir is not None and tpaths:
-        xt = torch.from_numpy(load_images(tpaths, cfg.image_size))
+        xt = images(tpaths)
         yt = torch.tensor(tlabels, dtype=torch.int64)
         origin, origin_t = torch.arange(len(y)), torch.arange(len(yt))
     else:
@@ -156,12 +263,12 @@ def load_imagefolder_raw(cfg: DataConfig) -> RawData:
         test_idx, train_idx = stratified_fraction(
             y, cfg.test_fraction, derive_seed(cfg.seed, "test")
         )
-        x, y, xt, yt = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+        x, y, xt, yt = take(x, train_idx), y[train_idx], take(x, test_idx), y[test_idx]
         origin, origin_t = train_idx, test_idx
 
-    xf = x.float() / 255.0  # statistics of the source train images, as CIFAR's are
-    mean = xf.mean(dim=(0, 2, 3)).tolist()
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()  # a blank channel must not divide by 0
+    # Statistics of the source train images, as CIFAR's are; a blank channel must not divide by 0.
+    mean, std = channel_stats(x, seed=derive_seed(cfg.seed, "stats"))
+    std = [max(v, 1e-3) for v in std]
     return RawData(
         name="imagefolder",
         num_classes=num_classes,
@@ -183,5 +290,8 @@ def load_imagefolder_raw(cfg: DataConfig) -> RawData:
             "test_files": [str(p.relative_to(root)) for p in tpaths],
             "mean": mean,
             "std": std,
+            "streaming": streaming,
+            "decoded_mb": round(decoded / 2**20, 3),
+            "memory_budget_mb": cfg.memory_budget_mb,
         },
     )

@@ -1,8 +1,12 @@
-"""In-memory labelled sets and the batches drawn from them.
+"""Labelled sets and the batches drawn from them.
 
-Every data set here fits in memory (CIFAR-10 is 150 MB as uint8), so a split is a few
-tensors and a batch is an index into them: no loader workers, and augmentation runs on
-batched tensors on the training device.
+Most data sets here fit in memory (CIFAR-10 is 150 MB as uint8), so a split is a few tensors
+and a batch is an index into them: no loader workers, and augmentation runs on batched tensors
+on the training device. A split too large for memory (an image folder over
+``DataConfig.memory_budget_mb``) holds its inputs as ``lfm.data.lazy.LazyExamples`` instead:
+labels and indices stay tensors, and `iterate_batches` reads the inputs through a
+``torch.utils.data.DataLoader`` with loader workers, in the same order. A `Split` is itself a
+map-style ``Dataset`` of ``(x, y)`` items.
 """
 
 from __future__ import annotations
@@ -11,13 +15,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Dataset
+
+from lfm.data.lazy import LazyExamples, concat, take
 
 
 @dataclass
-class Split:
-    """One labelled set: inputs, (possibly noisy) labels, and where each example came from."""
+class Split(Dataset):
+    """One labelled set: inputs, (possibly noisy) labels, and where each example came from.
 
-    x: torch.Tensor  # (N, ...) float32, or uint8 images (N, C, H, W)
+    A map-style ``torch.utils.data.Dataset``: ``split[i]`` is ``(x_i, y_i)``, so any split (the
+    built-in sets' too) goes into a ``DataLoader``; wrap it in ``lfm.data.IndexedDataset`` to get
+    each example's position as well. ``x`` is a tensor, or ``LazyExamples`` read on demand
+    (``streaming``).
+
+    Example
+    -------
+    >>> s = Split(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.arange(4))
+    >>> x0, y0 = s[0]
+    """
+
+    x: torch.Tensor | LazyExamples  # (N, ...) float32, or uint8 images (N, C, H, W)
     y: torch.Tensor  # (N,) int64, the labels training sees (noise injected here)
     origin: torch.Tensor  # (N,) int64, index of each example in the source data set
     y_true: torch.Tensor | None = None  # (N,) int64 clean labels, where known
@@ -34,6 +52,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.x)
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_i, y_i)``: example ``i``'s input (read from disk when streaming) and label."""
+        return self.x[i], self.y[i]
+
+    @property
+    def streaming(self) -> bool:
+        """True when the inputs are read on demand (LazyExamples), not held as a tensor."""
+        return isinstance(self.x, LazyExamples)
+
     @property
     def noisy(self) -> torch.Tensor | None:
         """(N,) bool: which labels were changed by noise injection (None if unknown)."""
@@ -42,7 +69,7 @@ class Split:
     def subset(self, idx: torch.Tensor) -> Split:
         """The examples at positions `idx`, keeping their origin and clean labels."""
         return Split(
-            self.x[idx],
+            take(self.x, idx),  # a streaming split's subset stays on disk
             self.y[idx],
             self.origin[idx],
             None if self.y_true is None else self.y_true[idx],
@@ -56,9 +83,7 @@ class Split:
     def concat(a: Split, b: Split) -> Split:
         """Two splits as one (e.g. train + clean validation)."""
         yt = None if a.y_true is None or b.y_true is None else torch.cat([a.y_true, b.y_true])
-        return Split(
-            torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.origin, b.origin]), yt
-        )
+        return Split(concat(a.x, b.x), torch.cat([a.y, b.y]), torch.cat([a.origin, b.origin]), yt)
 
 
 @dataclass
@@ -100,6 +125,25 @@ class Batch:
     def __len__(self) -> int:
         return len(self.y)
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (a DataLoader with ``pin_memory=True`` calls this)."""
+        return Batch(
+            self.x.pin_memory(),
+            self.y.pin_memory(),
+            self.idx.pin_memory(),
+            None if self.whole is None else self.whole.pin_memory(),
+            self.offset,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on `device`."""
+
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        whole = None if self.whole is None else mv(self.whole)
+        return Batch(mv(self.x), mv(self.y), mv(self.idx), whole, self.offset)
+
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     """The example order of one epoch, a pure function of (seed, epoch) so that resume is exact."""
@@ -108,6 +152,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def part_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """(offset, size) of process `rank`'s contiguous part of `n` rows (``torch.tensor_split``)."""
+    q, extra = divmod(n, world)
+    return rank * q + min(rank, extra), q + (1 if rank < extra else 0)
 
 
 def iterate_batches(
@@ -120,18 +170,46 @@ def iterate_batches(
     epoch: int = 0,
     start: int = 0,
     drop_last: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
-    """Batches of one epoch, starting at batch `start` (for resuming mid-epoch)."""
+    """Batches of one epoch, starting at batch `start` (for resuming mid-epoch).
+
+    The order is `epoch_order(len(split), seed, epoch, shuffle)` for in-memory and streaming
+    splits alike; a streaming split's batches are read by a DataLoader with the split's
+    ``x.num_workers`` loader processes (pinned memory when `device` is CUDA), so a run gives the
+    same batches, and resumes at the same one, whichever way its data are held.
+
+    ``part=(world, rank)`` (data parallel) yields process `rank`'s contiguous part of each batch,
+    with ``whole`` (the batch's positions) and ``offset`` set as ``lfm.train.distributed.shard``
+    sets them; only that part is gathered, or read from disk.
+    """
     order = epoch_order(len(split), seed, epoch, shuffle)
     n = len(order)
     stop = n - (n % batch_size) if drop_last else n
-    for s in range(start * batch_size, stop, batch_size):
-        idx = order[s : s + batch_size]
-        yield Batch(
-            split.x[idx].to(device, non_blocking=True),
-            split.y[idx].to(device, non_blocking=True),
-            idx.to(device, non_blocking=True),
+    chunks = [order[s : s + batch_size] for s in range(start * batch_size, stop, batch_size)]
+    offsets = [0] * len(chunks)
+    if part is not None:
+        bounds = [part_bounds(len(c), part[0], part[1]) for c in chunks]
+        offsets = [off for off, _ in bounds]
+        wholes = chunks
+        chunks = [c[off : off + size] for c, (off, size) in zip(chunks, bounds, strict=True)]
+    if split.streaming:
+        from lfm.data.loader import loader_batches  # late: the loader module imports this one
+
+        batches = loader_batches(split, chunks, device, seed, epoch)
+    else:
+        batches = (
+            Batch(
+                split.x[idx].to(device, non_blocking=True),
+                split.y[idx].to(device, non_blocking=True),
+                idx.to(device, non_blocking=True),
+            )
+            for idx in chunks
         )
+    for i, b in enumerate(batches):
+        if part is not None:
+            b.whole, b.offset = wholes[i].to(device, non_blocking=True), offsets[i]
+        yield b
 
 
 class Stream:

@@ -12,7 +12,10 @@ from lfm.data.types import DataBundle, Split, iterate_batches
 def predict(
     model: nn.Module, bundle: DataBundle, split: Split, device: torch.device, batch_size: int = 500
 ) -> torch.Tensor:
-    """(N, C) logits of `model` on every example of `split`, in order, in eval mode."""
+    """(N, C) logits of `model` on every example of `split`, in order, in eval mode.
+
+    A streaming split is read through a DataLoader with its loader workers (`iterate_batches`).
+    """
     was_training = model.training
     model.eval()
     out = [

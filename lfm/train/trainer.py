@@ -86,6 +86,8 @@ def check_bundle(bundle: DataBundle) -> None:
                     f"give labels 0..{c - 1}, or set num_classes to the number of classes",
                 )
         x = split.x
+        if split.streaming:
+            continue  # inputs read on demand: checking them here would read the whole set
         if x.dtype.is_floating_point and len(x) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if x.dim() > 1 else -1
             raise LFMError(
@@ -358,6 +360,9 @@ class Trainer:
         """Batches for global steps [start, stop): passes over the method's split, in the order
         that is a pure function of (seed, pass), so a resumed run sees the same batches."""
         per_pass = max(1, math.ceil(len(self.split) / self.cfg.batch_size))
+        # Every rank: the same global batch, its own part (only that part is read, which
+        # matters when a streamed split decodes it from disk).
+        part = (distributed.world_size(), distributed.rank()) if distributed.active() else None
         step = start
         while step < stop:
             p, k = divmod(step, per_pass)
@@ -368,8 +373,9 @@ class Trainer:
                 seed=self.cfg.seed,
                 epoch=p,
                 start=k,
+                part=part,
             ):
-                yield distributed.shard(batch)  # every rank: the same global batch, its part
+                yield batch
                 step += 1
                 if step >= stop:
                     return
