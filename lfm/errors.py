@@ -42,6 +42,7 @@ class LFMError(Exception):
     """Bad input or an impossible request; the CLI prints it as one line and exits with code 2."""
 
     def __init__(self, problem: str, fix: str | None = None):
+        self.unclipped = problem  # a DataLoader re-raises a worker's error as its traceback
         self.problem = clip(problem, PART_LIMIT)
         self.fix = None if fix is None else clip(fix, PART_LIMIT)
         super().__init__(self.problem if self.fix is None else f"{self.problem}. Fix: {self.fix}")

@@ -245,7 +245,7 @@ def worker_error(e: LFMError) -> LFMError:
     A DataLoader re-raises a worker's exception with the worker's whole traceback as its message;
     the command line prints an LFMError as one line, so the original one is recovered here.
     """
-    text, marker = str(e), "LFMError: "
+    text, marker = getattr(e, "unclipped", str(e)), "LFMError: "
     if "DataLoader worker" not in text or marker not in text:
         return e
     problem, sep, fix = text.rsplit(marker, 1)[1].strip().partition(". Fix: ")
