@@ -246,3 +246,21 @@ def test_an_index_outside_the_training_set_is_a_clear_error():
     )
     with pytest.raises(LFMError, match="outside 0..9"):
         rw.step(torch.randn(4, 64), torch.randint(0, 10, (4,)), torch.tensor([0, 1, 2, 10]))
+
+
+def test_the_readme_example_runs_as_written(capsys):
+    """The README's Python API example, executed verbatim: it trains, and what it prints says
+    the mislabelled examples were weighted down (measured: mean b 1.158 clean vs 0.956
+    mislabelled; 80% of the 50 most suspect are mislabelled, where 30% of all are; required:
+    lower b, and at least 60%)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    clean, noisy = map(float, re.search(r"clean ([\d.]+), mislabelled ([\d.]+)", out).groups())
+    share = float(re.search(r"most suspect: (\d+)%", out)[1])
+    assert noisy < clean and share >= 60, out
