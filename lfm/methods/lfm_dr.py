@@ -142,7 +142,9 @@ SIGNAL_KEY: dict[str, str] = {
 class LFMConfig:
     """Everything LFM-DR adds to a plain training run. Presets: `PRESETS`."""
 
-    variant: str = "paper"  # paper | authors-code | a-normalised | a-only | w1-val | w1-val-only
+    variant: str = (
+        RECOMMENDED  # paper | authors-code | a-normalised | a-only | w1-val | w1-val-only
+    )
     backend: str = "exact"  # exact (jvp) | fd (finite differences, DARTS eps, fp32)
     b_mode: str = (
         "raw"  # how b enters stage 1: raw (w=b, clamped >= 0) | sigmoid | batch-normalised
@@ -265,9 +267,9 @@ def lfm_option_specs() -> dict[str, Opt]:
     >>> lfm_option_specs()["b_lr"].wants()
     'a number > 0'
     """
-    paper = LFMConfig()
+    paper = PRESETS["paper"]  # the fields' defaults are the faithful form's but for `variant`
     choices = _choice_fields()
-    specs: dict[str, Opt] = {"preset": Opt("choice", "paper", choices=tuple(PRESETS))}
+    specs: dict[str, Opt] = {"preset": Opt("choice", RECOMMENDED, choices=tuple(PRESETS))}
     for f in fields(LFMConfig):
         default = getattr(paper, f.name)
         if f.name in choices:
@@ -293,14 +295,16 @@ def lfm_option_specs() -> dict[str, Opt]:
 
 
 PRESETS: dict[str, LFMConfig] = {
-    "paper": LFMConfig(),  # faithful: dot attention, full encoder, b through u(W1')
+    "paper": LFMConfig(variant="paper"),  # faithful: dot attention, full encoder, b via u(W1')
     "authors-code": LFMConfig(variant="authors-code"),  # b along W1's own clipped gradient
     "a-normalised": LFMConfig(variant="a-normalised"),  # a / mean(a) per batch
     "a-only": LFMConfig(variant="a-only"),  # b frozen: stage-2 weights only
     "w1-val": LFMConfig(variant="w1-val"),  # + W1's own validation loss in b's objective
     "w1-val-only": LFMConfig(variant="w1-val-only"),  # control: only W1's validation loss drives b
-    "ps": LFMConfig(encoder="shared"),  # paper + parameter sharing (Table X)
-    "fast": LFMConfig(encoder="head", backend="fd"),  # frozen cached encoder, DARTS differences
+    "ps": LFMConfig(variant="paper", encoder="shared"),  # paper + parameter sharing (Table X)
+    "fast": LFMConfig(
+        variant="paper", encoder="head", backend="fd"
+    ),  # frozen cached encoder, DARTS differences
 }
 
 
