@@ -161,3 +161,36 @@ def test_budget_and_workers_are_validated():
     with pytest.raises(LFMError, match="--loader-workers"):
         DataConfig(loader_workers=-1).validate()
     assert DataConfig().memory_budget_mb == 2048 and DataConfig().loader_workers == 2
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_streamed_folder_learn_what_one_does(folder, tmp_path):
+    """torchrun, 2 gloo processes, each reading only its part of every global batch from disk."""
+    import subprocess
+    import sys
+
+    from lfm.train.checkpoint import CheckpointDir, safe_load
+
+    (tmp_path / "noaug.yaml").write_text("data:\n  augment: false\n")  # crops draw per process
+    args = ["train", "--config", str(tmp_path / "noaug.yaml"), "--dataset", "imagefolder"]
+    args += ["--data-root", str(folder), "--image-size", "8", "--val-per-class", "3"]
+    args += ["--memory-budget-mb", str(BUDGET_MB), "--model", "mlp", "--epochs", "2"]
+    args += ["--batch-size", "18", "--no-progress", "--device", "cpu"]  # 81 = 4 x 18 + 9
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    states = []
+    for procs in (1, 2):
+        launch = [sys.executable, "-m", "lfm"]
+        if procs > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            launch += ["--nproc_per_node", str(procs), "-m", "lfm"]
+        out = tmp_path / f"p{procs}"
+        cmd = [*launch, *args, "--out", str(out)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads((out / "results.json").read_text())["data"]["streaming"]
+        states.append(safe_load(CheckpointDir(out / "checkpoints").paths()[-1]))
+    one, two = (s["method"]["model"] for s in states)
+    assert int(states[0]["step"]) == int(states[1]["step"]) == 10
+    assert max(float((one[k].double() - two[k].double()).abs().max()) for k in one) <= 1e-5
