@@ -194,3 +194,21 @@ def test_two_processes_on_a_streamed_folder_learn_what_one_does(folder, tmp_path
     one, two = (s["method"]["model"] for s in states)
     assert int(states[0]["step"]) == int(states[1]["step"]) == 10
     assert max(float((one[k].double() - two[k].double()).abs().max()) for k in one) <= 1e-5
+
+
+def test_a_run_resumes_with_another_reading_setting(tmp_path):
+    """memory_budget_mb and loader_workers change how examples are read, not what is learned:
+    a checkpoint made with one value resumes under another (and under a config without them)."""
+    from lfm.config import RunConfig
+    from lfm.data import DataConfig
+    from lfm.train.trainer import Trainer
+
+    def cfg(**data):
+        return RunConfig(
+            data=DataConfig("digits", **data), epochs=2, max_steps=5, batch_size=100,
+            progress=False, out=str(tmp_path),
+        )  # fmt: skip
+
+    Trainer(cfg(loader_workers=2)).run()
+    t = Trainer(cfg(loader_workers=0, memory_budget_mb=16))
+    assert t.try_resume() and t.ctx.step == 5

@@ -173,6 +173,11 @@ def check_output_width(model: nn.Module, bundle: DataBundle) -> None:
         )
 
 
+# DataConfig fields that change how examples are read (streamed or in memory, by how many
+# workers), not which examples or their order: a run may resume with other values of them.
+_READING_ONLY = ("memory_budget_mb", "loader_workers")
+
+
 class Trainer:
     """Runs `method` under `cfg`; `bundle` and `model_factory` may be given by API users."""
 
@@ -299,6 +304,9 @@ class Trainer:
         """Continue a run from `state_dict`'s output."""
         saved = json.loads(state["config"])
         mine = json.loads(json.dumps(asdict(self.cfg)))
+        for cfg in (saved, mine):  # how the data is read leaves what is learned unchanged
+            for how in _READING_ONLY:
+                cfg.get("data", {}).pop(how, None)
         for key in ("method", "data", "model", "batch_size", "seed"):
             if saved.get(key) != mine.get(key):
                 raise LFMError(
