@@ -80,16 +80,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         train = Split(x, y, torch.arange(n))
         val = Split(xv, yv, torch.arange(m))
         bundle = DataBundle("bench", 10, (40,), train, val, val, prepare=lambda t, tr: t)
-        models = iter([copy.deepcopy(base) for _ in range(3)])
+        copies = iter([copy.deepcopy(base) for _ in range(3)])  # V, W1, W2 (LFM-DR)
+        opts = {"preset": "w1-val"} if method == "lfm" else {}
         ctx = Context(
-            bundle, torch.device("cpu"), lambda: next(models), Stream(val, batch, seed=1),
-            20, 10_000, lambda s: 1.0, optim, options={"preset": "w1-val"} if method == "lfm" else {},
+            bundle, torch.device("cpu"), lambda it=copies: next(it), Stream(val, batch, seed=1),
+            20, 10_000, lambda s: 1.0, optim, options=dict(opts),
         )  # fmt: skip
         a = METHODS.create(method)
         a.setup(ctx)
         # path B: the public object over the user's own module and optimizer
         user = copy.deepcopy(base)
-        opts = {"preset": "w1-val"} if method == "lfm" else {}
         b = lfm.Reweighter(
             user, _optim(kind, user.parameters()), n, (xv, yv), method,
             val_batch_size=batch, **opts,

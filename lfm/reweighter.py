@@ -282,6 +282,7 @@ class Reweighter:
         m = METHODS.create(method)
         m.setup(ctx)
         self._init(m, ctx)
+        self.sync()
 
     def _init(self, method: Method, ctx: Context) -> None:
         self.method, self.ctx = method, ctx
@@ -294,6 +295,18 @@ class Reweighter:
         self = cls.__new__(cls)
         self._init(method, ctx)
         return self
+
+    def sync(self) -> None:
+        """Under torchrun, every process takes rank 0's state (initial W2, V, b, r, optimizer
+        states), so all start from the same point; nothing happens in a plain run."""
+        if not distributed.active():
+            return
+        state = self.method.state_dict()
+        distributed.broadcast_tensors(distributed.tensors_in(state))
+        if not distributed.is_main():
+            self.method.load_state_dict(state)
+        if self.source is not None:
+            self.source.write()
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:

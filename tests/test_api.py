@@ -264,3 +264,36 @@ def test_the_readme_example_runs_as_written(capsys):
     clean, noisy = map(float, re.search(r"clean ([\d.]+), mislabelled ([\d.]+)", out).groups())
     share = float(re.search(r"most suspect: (\d+)%", out)[1])
     assert noisy < clean and share >= 60, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lfm", "mwnet"])
+def test_under_torchrun_each_process_passes_its_part_and_learns_what_one_does(tmp_path, method):
+    """A user's own DDP script (tests/ddp_reweighter.py): two processes, each passing its half
+    of every batch to `step`, end with the b / weights, W1 and W2 of one process on the whole
+    batches (to 1e-5: sums of float32 parts in another order)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "ddp_reweighter.py")
+    from test_distributed import _env  # tests/ is on sys.path under pytest
+
+    env = _env()
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    runs = (
+        [sys.executable, script, str(one), method],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         script, str(two), method],
+    )  # fmt: skip
+    for cmd in runs:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    for k in a["per_example"]:
+        torch.testing.assert_close(
+            a["per_example"][k], b["per_example"][k], rtol=1e-5, atol=1e-6, equal_nan=True
+        )
+    for k in a["nets"]:
+        for p, q in zip(a["nets"][k], b["nets"][k], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

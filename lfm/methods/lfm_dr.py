@@ -48,23 +48,19 @@ Single network (`lfm-sn`, paper Table IV): one network W trains with plain CE fo
 functions of a snapshot), and then keeps training as W2 on a-weighted examples, with V and r
 learned from its validation loss. No b, not end to end.
 
-Python API with your own network (any nn.Module with `body` -> (B, K) features and
-`head` = nn.Linear(K, C); `shared` needs them, `full`/`head` fall back to logits without):
+Shared mode's b path leaves out how b moves W2's input features (through W1'), and that path
+dominates: on blobs (float64, step 10) one b step raised L_val(W2') by 8.1e-4, where in the
+unshared form the same check shows b lowering it by 3.0e-6 (tests/test_behaviour.py checks r in
+shared mode, not b).
 
-    from lfm.methods.base import Context
-    from lfm.methods.lfm_dr import LFMDR, LFMConfig
-    from lfm.data import Stream, iterate_batches
-    from lfm.train.optim import OptimConfig
+Python API: `lfm.Reweighter` runs this method on your own module, `torch.optim` optimizer and
+DataLoader (README, "Python API"):
 
-    method = LFMDR(LFMConfig(variant="w1-val", encoder="head"))
-    ctx = Context(bundle, device, new_model=lambda: MyNet().to(device),
-                  val_stream=Stream(bundle.val, 100, device=device), steps_per_epoch=100,
-                  total_steps=1000, lr_factor=lambda step: 1.0,
-                  optim=OptimConfig("sgd", 0.05, 0.9, weight_decay=5e-4))
-    method.setup(ctx)
-    for ctx.step, batch in enumerate(iterate_batches(bundle.train, 100, device=device)):
-        logs = method.step(batch, ctx)
-    b = method.per_example()["b"]  # learned weight of each training example
+    rw = lfm.Reweighter(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                        num_train=len(train_set), val_data=(x_val, y_val))  # preset w1-val
+    for x, y, idx in loader:
+        rw.step(x, y, idx)
+    b = rw.weights  # learned weight of each training example
 
 Data parallel (torchrun): each rank holds its part of the global batch and the same full
 validation batch; the engine reduces gradients and hypergradients (`lfm.engine.trilevel`), and

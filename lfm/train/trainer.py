@@ -420,7 +420,7 @@ class Trainer:
             # Starting over (--no-resume, or nothing to resume): a stale checkpoint of an older
             # run with a later step would otherwise outlive ours and be resumed next time.
             self.ckpt.clear()
-        self._sync_method()
+        self.reweighter.sync()
         self._seg_start = (ctx.step, self.train_seconds)
         spe = ctx.steps_per_epoch
         show = cfg.progress and distributed.is_main()
@@ -461,15 +461,6 @@ class Trainer:
         results = self.finish(resumed)
         distributed.barrier()  # files are written before any rank goes on (bench skips on them)
         return results
-
-    def _sync_method(self) -> None:
-        """Every rank takes rank 0's method state (initial parameters, b, r, optimizer state)."""
-        if not distributed.active():
-            return
-        state = self.method.state_dict()
-        distributed.broadcast_tensors(distributed.tensors_in(state))
-        if not distributed.is_main():
-            self.method.load_state_dict(state)
 
     def finish(self, resumed: bool) -> dict:
         """Assemble the results, write results.json and per_example.npz."""
