@@ -40,7 +40,9 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:
 @LOSSES.register("ce", "plain cross-entropy")
 def make_ce(counts: Sequence[int]) -> PerExampleLoss:
     """Cross-entropy per example."""
-    return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
+    from lfm.engine.functional import example_losses
+
+    return example_losses  # cross-entropy, or the per-example loss given to lfm.Reweighter
 
 
 @LOSSES.register("focal", "focal loss (gamma, default 2)")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lfm.data.types import DataBundle, Split, Stream
+from lfm.engine.functional import PerExampleLoss, per_example_loss
 from lfm.engine.virtual import VirtualOptimizer, read_state, virtual_from_torch, write_back
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
@@ -170,6 +171,10 @@ class Reweighter:
         of (x, y) or as two tensors; it is held in memory on the model's device.
     method : str
         "lfm" (LFM-DR), "mwnet", "l2rw", "small-loss" or "ce" (no reweighting, for comparison).
+    loss : callable, optional
+        Your per-example loss, (logits (B, C), labels (B,)) -> (B,), written with torch
+        operations (it is differentiated twice, and forward-mode by the exact backend); every
+        level uses it, training and validation. Default: cross-entropy.
     w2, w2_optimizer : optional
         LFM-DR's second learner W2 and its optimizer (default: a deep copy of `model` with an
         optimizer of the same kind and settings).
@@ -211,6 +216,7 @@ class Reweighter:
         val_data: Any,
         method: str = "lfm",
         *,
+        loss: PerExampleLoss | None = None,
         w2: nn.Module | None = None,
         w2_optimizer: torch.optim.Optimizer | None = None,
         encoder: nn.Module | None = None,
@@ -282,10 +288,11 @@ class Reweighter:
         m = METHODS.create(method)
         m.setup(ctx)
         self._init(m, ctx)
+        self.loss = loss
         self.sync()
 
     def _init(self, method: Method, ctx: Context) -> None:
-        self.method, self.ctx = method, ctx
+        self.method, self.ctx, self.loss = method, ctx, None
         if ctx.source is None:
             self.source = None
 
@@ -342,7 +349,8 @@ class Reweighter:
         batch = distributed.assemble(x.to(dev), y.to(dev), idx.to(dev))
         if self.source is not None:
             self.source.read()
-        logs = self.method.step(batch, self.ctx)
+        with per_example_loss(self.loss):
+            logs = self.method.step(batch, self.ctx)
         if self.source is not None:
             self.source.write()
         self.ctx.step += 1

@@ -297,3 +297,32 @@ def test_under_torchrun_each_process_passes_its_part_and_learns_what_one_does(tm
     for k in a["nets"]:
         for p, q in zip(a["nets"][k], b["nets"][k], strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_users_own_loss_is_the_one_trained():
+    """loss= is what the learner descends: one "ce" step with a label-smoothed loss equals
+    torch.optim.SGD's step on that loss (and differs from a cross-entropy step)."""
+    import torch.nn.functional as F
+
+    def smoothed(logits, y):
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=0.3)
+
+    x, y, xv, yv = _digits()
+    torch.manual_seed(0)
+    net = _net()
+    ref = copy.deepcopy(net)
+    rw = lfm.Reweighter(
+        net, torch.optim.SGD(net.parameters(), lr=0.5), len(y), (xv, yv), "ce", loss=smoothed
+    )
+    idx = torch.arange(64)
+    rw.step(x[idx], y[idx], idx)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    smoothed(ref(x[idx]), y[idx]).mean().backward()
+    opt.step()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(0)
+    other = _net()
+    rw2 = lfm.Reweighter(other, torch.optim.SGD(other.parameters(), lr=0.5), len(y), (xv, yv), "ce")
+    rw2.step(x[idx], y[idx], idx)
+    assert not torch.allclose(next(other.parameters()), next(net.parameters()))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lfm.engine.functional import params_of
+from lfm.engine.functional import example_losses, params_of, per_example_loss
 from lfm.engine.trilevel import IterOptions, Learner, iteration
 from lfm.engine.virtual import VirtualAdam, VirtualSGD
 from lfm.reweight.encoder import FullEncoder, HeadEncoder
@@ -86,8 +86,14 @@ def make_sgd(kind, model, seed):
 
 
 def ce(module, params, buffers, x, y):
+    """The per-example loss in force (cross-entropy, or a case's own loss)."""
     bufs = {k: v.clone() for k, v in buffers.items()}
-    return F.cross_entropy(functional_call(module, (params, bufs), (x,)), y, reduction="none")
+    return example_losses(functional_call(module, (params, bufs), (x,)), y)
+
+
+def smoothed(logits, y):
+    """A user's own per-example loss: label-smoothed cross-entropy."""
+    return F.cross_entropy(logits, y, reduction="none", label_smoothing=0.2)
 
 
 def reference(w1, w2, s1, s2, d, vnet, opts, lr1, lr2, shared=False, bank=None):
@@ -175,10 +181,16 @@ CASES = {
     "bank": dict(bank=True),
     "head-encoder": dict(head=True),
     "shared": dict(shared=True, sgd="momentum-wd"),
+    "own-loss": dict(loss=smoothed, sgd="momentum-wd", opts=dict(b_path="w2+w1val")),
 }
 
 
 def run_case(name, backend):
+    with per_example_loss(CASES[name].get("loss")):  # both sides use the case's loss
+        return _run_case(name, backend)
+
+
+def _run_case(name, backend):
     case = CASES[name]
     seed = case.get("seed", 0)
     torch.manual_seed(seed)
@@ -375,3 +387,12 @@ def test_authors_code_b_gradient_ignores_validation_data(backend):
         ]
     )
     torch.testing.assert_close(g0, want, rtol=1e-3 if backend == "fd" else 1e-8, atol=1e-12)
+
+
+def test_a_users_own_loss_reaches_every_hypergradient():
+    """The own-loss case is not cross-entropy in disguise: with CE instead, b, r and V's
+    hypergradients all change (so the match above checks the user's loss on every path)."""
+    own = run_case("own-loss", "exact")[0]
+    plain = _run_case("own-loss", "exact")[0]  # outside per_example_loss: cross-entropy
+    assert rel(own.grad_b, plain.grad_b) > 1e-2 and rel(own.grad_r, plain.grad_r) > 1e-2
+    assert rel(own.grad_v[0], plain.grad_v[0]) > 1e-2

@@ -14,6 +14,10 @@ no value, only where the (discarded) running-stat update lands.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,11 +59,32 @@ def per_example_ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(at_least_fp32(logits), y, reduction="none")
 
 
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]  # (logits (B, C), labels (B,)) -> (B,)
+# The per-example loss l of every level (cross-entropy unless a user gave their own to
+# lfm.Reweighter): one switch, so each stage, hypergradient backend and method reads the same l.
+_LOSS: ContextVar[PerExampleLoss] = ContextVar("per_example_loss", default=per_example_ce)
+
+
+@contextmanager
+def per_example_loss(fn: PerExampleLoss | None) -> Iterator[None]:
+    """Within the block, `example_losses` and `losses` use `fn` (None: cross-entropy)."""
+    token = _LOSS.set(per_example_ce if fn is None else fn)
+    try:
+        yield
+    finally:
+        _LOSS.reset(token)
+
+
+def example_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """The per-example loss in force (cross-entropy by default), (B,), in at least fp32."""
+    return _LOSS.get()(at_least_fp32(logits), y)
+
+
 def losses(
     module: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, **kw
 ) -> Tensor:
-    """Per-example cross-entropy l_i(params), (B,)."""
-    return per_example_ce(forward(module, params, buffers, x, **kw), y)
+    """Per-example losses l_i(params), (B,) (cross-entropy unless `per_example_loss` says)."""
+    return example_losses(forward(module, params, buffers, x, **kw), y)
 
 
 def leaves(params: Params) -> Params:

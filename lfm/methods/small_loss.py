@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lfm.data.types import Batch, iterate_batches
-from lfm.engine.functional import at_least_fp32
+from lfm.engine.functional import example_losses
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.options import Opt, check_method_options, register_options
 from lfm.methods.plain import descend
@@ -85,7 +84,7 @@ def _split_losses(model: nn.Module, ctx: Context, split) -> torch.Tensor:
     was = model.training
     model.eval()
     out = [
-        F.cross_entropy(model(ctx.bundle.inputs(b.x, train=False)), b.y, reduction="none").cpu()
+        example_losses(model(ctx.bundle.inputs(b.x, train=False)), b.y).cpu()
         for b in iterate_batches(split, 500, device=ctx.device, shuffle=False)
     ]
     model.train(was)
@@ -124,11 +123,7 @@ class SmallLoss(Method):
         """One step on the mean loss of the kept examples."""
         set_lr(self.opt, ctx.learner_lr("W1"))
         rho = self.rho_at(ctx)
-        loss_i = F.cross_entropy(
-            at_least_fp32(self.model(ctx.bundle.inputs(batch.x, train=True))),
-            batch.y,
-            reduction="none",
-        )
+        loss_i = example_losses(self.model(ctx.bundle.inputs(batch.x, train=True)), batch.y)
         part = distributed.part_of(batch)
         keep_all = keep_smallest(part.gather(loss_i.detach()), rho)  # over the global batch
         keep = part.local(keep_all)
