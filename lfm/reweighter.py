@@ -348,10 +348,12 @@ class Reweighter:
         dev = self.ctx.device
         batch = distributed.assemble(x.to(dev), y.to(dev), idx.to(dev))
         if self.source is not None:
+            # mutant reweighter-read-skipped: drop | api
             self.source.read()
         with per_example_loss(self.loss):
             logs = self.method.step(batch, self.ctx)
         if self.source is not None:
+            # mutant reweighter-write-back-skipped: drop | api
             self.source.write()
         self.ctx.step += 1
         return logs

@@ -326,3 +326,36 @@ def test_a_users_own_loss_is_the_one_trained():
     rw2 = lfm.Reweighter(other, torch.optim.SGD(other.parameters(), lr=0.5), len(y), (xv, yv), "ce")
     rw2.step(x[idx], y[idx], idx)
     assert not torch.allclose(next(other.parameters()), next(net.parameters()))
+
+
+def test_the_users_optimizer_is_the_truth_between_steps():
+    """Steps the user takes with their own optimizer between Reweighter steps (a warm-up, say)
+    are seen: their momentum is read before the next step, which then equals the step of a
+    Reweighter built only after the user's steps."""
+    x, y, xv, yv = _digits()
+
+    def own_steps(net, opt):
+        for i in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                net(x[i * 50 : (i + 1) * 50]), y[i * 50 : (i + 1) * 50]
+            ).backward()
+            opt.step()
+
+    idx = torch.arange(200, 250)
+    torch.manual_seed(0)
+    a = _net()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    rw_a = lfm.Reweighter(a, opt_a, len(y), (xv, yv), "mwnet")  # built first
+    own_steps(a, opt_a)
+    torch.manual_seed(0)
+    b = _net()
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    own_steps(b, opt_b)
+    torch.manual_seed(0)
+    _net()  # the same draws as building `a` took
+    rw_b = lfm.Reweighter(b, opt_b, len(y), (xv, yv), "mwnet")  # built after
+    rw_a.step(x[idx], y[idx], idx)
+    rw_b.step(x[idx], y[idx], idx)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -175,6 +175,7 @@ class VirtualAdam:
             # sqrt with a finite derivative where v = 0 (a parameter with no gradient yet)
             root = torch.where(v > 0, torch.where(v > 0, v, torch.ones_like(v)).sqrt(), 0.0)
             base = p * (1 - lr * self.weight_decay) if self.decoupled and self.weight_decay else p
+            # mutant adam-no-bias-correction: `(lr / bc1)` -> `lr` | engine_virtual
             new_p[k] = base - (lr / bc1) * m / (root / bc2_sqrt + self.eps)
         return new_p, {"t": t, "exp_avg": m_new, "exp_avg_sq": v_new}
 
@@ -186,6 +187,7 @@ class VirtualAdam:
         _, vjp = torch.func.vjp(
             lambda g: self.step(p0, g, lr, clip_coef)[0], {k: grads[k].detach() for k in p0}
         )
+        # mutant adam-pullback-sign: `v[k].detach()` -> `-v[k].detach()` | engine_virtual
         return vjp({k: v[k].detach() for k in p0})[0]
 
     @torch.no_grad()
