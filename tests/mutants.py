@@ -127,7 +127,8 @@ def run_tests(work: Path, selector: str, timeout: float) -> tuple[bool, str]:
 def _copy_tree(work: Path) -> None:
     for part in ("lfm", "tests"):
         shutil.copytree(ROOT / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
+    for name in ("pyproject.toml", "README.md"):  # README: its example and table are tested
+        shutil.copy(ROOT / name, work / name)
     check = subprocess.run(
         [sys.executable, "-c", "import lfm; print(lfm.__file__)"],
         cwd=work,
