@@ -52,7 +52,6 @@ from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.registry import Registry
 from lfm.train.checkpoint import (
-    CheckpointDir,
     data_fingerprint,
     open_checkpoints,
     restore,
@@ -518,29 +517,7 @@ def _search(
     # persistent validation iterator: one stream for the whole search (DARTS's next(valid_queue))
     val_stream = Stream(bundle.val, cfg.batch_size, device=device, seed=cfg.seed + 1)
     identity = {"search": asdict(cfg), "data": data_fingerprint(bundle)}
-    with run_folder_lock(out):  # before its checkpoints are read or cleared
-        ckpt, state = open_checkpoints(out, "search", identity, resume)
-        return _search_loop(
-            bundle, cfg, device, progress, progressive, lfm, stages, val_stream, gen, identity,
-            ckpt, state,
-        )  # fmt: skip
-
-
-def _search_loop(
-    bundle: DataBundle,
-    cfg: SearchConfig,
-    device: torch.device | str,
-    progress: bool,
-    progressive: bool,
-    lfm: bool,
-    stages: list,
-    val_stream: Stream,
-    gen: torch.Generator,
-    identity: dict,
-    ckpt: CheckpointDir | None,
-    state: dict | None,
-) -> SearchResult:
-    """The stages and epochs of `_search`, from `state` (None: the start) on."""
+    ckpt, state = open_checkpoints(out, "search", identity, resume)  # the caller holds the lock
     e = num_edges()
     normal_ops = [list(PRIMITIVES)] * e
     reduce_ops = [list(PRIMITIVES)] * e
@@ -655,7 +632,8 @@ def _searcher(progressive: bool, lfm: bool) -> Callable[..., SearchResult]:
     def search(
         bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
     ) -> SearchResult:
-        return _search(bundle, cfg, device, progress, progressive, lfm, out, resume)
+        with run_folder_lock(out):  # before its checkpoints are read or cleared
+            return _search(bundle, cfg, device, progress, progressive, lfm, out, resume)
 
     return search
 
