@@ -25,6 +25,33 @@ def net():
     return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)).double()
 
 
+def _lockstep(real, opt, virt, virtual, steps, lr0, decay, clip, state_key):
+    """`steps` real steps of `opt` on `real` and virtual steps on `virt` under one lr schedule:
+    parameters equal to 1e-12 after each, and the optimizer state `state_key` equal too."""
+    g = torch.Generator().manual_seed(1)
+    for it in range(steps):
+        x, y = _batch(g)
+        lr = lr0 * (decay**it)  # a schedule
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        nn.functional.cross_entropy(real(x), y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(real.parameters(), clip)
+        opt.step()
+        p = {k: v.detach().clone().requires_grad_() for k, v in virt.named_parameters()}
+        loss = nn.functional.cross_entropy(torch.func.functional_call(virt, p, (x,)), y)
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
+        new_p, new_state = virtual.step(params_of(virt), grads, lr, virtual.clip_coef(grads))
+        virtual.commit(virt, new_p, new_state)
+        for (k, a), b in zip(real.named_parameters(), virt.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{k} at step {it}")
+        if state_key is not None:
+            mine = virtual.buffers if state_key == "momentum_buffer" else virtual.exp_avg_sq
+            for prm, (k, _) in zip(real.parameters(), virt.named_parameters(), strict=True):
+                torch.testing.assert_close(opt.state[prm][state_key], mine[k])
+
+
 @pytest.mark.parametrize(
     "momentum,wd,nesterov,clip",
     [
@@ -41,31 +68,7 @@ def test_virtual_step_equals_torch_sgd(momentum, wd, nesterov, clip):
         real.parameters(), lr=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov
     )
     sgd = VirtualSGD(momentum, wd, nesterov, clip)
-    g = torch.Generator().manual_seed(1)
-    for it in range(5):
-        x, y = (
-            torch.randn(16, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (16,), generator=g),
-        )
-        lr = 0.1 * (0.9**it)  # a schedule
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        nn.functional.cross_entropy(real(x), y).backward()
-        if clip:
-            nn.utils.clip_grad_norm_(real.parameters(), clip)
-        opt.step()
-        p = {k: v.detach().clone().requires_grad_() for k, v in virt.named_parameters()}
-        loss = nn.functional.cross_entropy(torch.func.functional_call(virt, p, (x,)), y)
-        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
-        c = sgd.clip_coef(grads)
-        new_p, new_m = sgd.step(params_of(virt), grads, lr, c)
-        sgd.commit(virt, new_p, new_m)
-        for (k, a), b in zip(real.named_parameters(), virt.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{k} at step {it}")
-        if momentum:
-            for prm, (k, _) in zip(real.parameters(), virt.named_parameters(), strict=True):
-                torch.testing.assert_close(opt.state[prm]["momentum_buffer"], sgd.buffers[k])
+    _lockstep(real, opt, virt, sgd, 5, 0.1, 0.9, clip, "momentum_buffer" if momentum else None)
 
 
 def test_xi_is_minus_the_derivative_of_the_step():
@@ -95,26 +98,7 @@ def test_virtual_adam_equals_torch_adam(kind, wd, clip):
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     opt = cls(real.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd)
     adam = VirtualAdam((0.8, 0.99), 1e-6, wd, decoupled=kind == "adamw", grad_clip=clip)
-    g = torch.Generator().manual_seed(1)
-    for it in range(6):
-        x, y = _batch(g)
-        lr = 1e-2 * (0.8**it)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        nn.functional.cross_entropy(real(x), y).backward()
-        if clip:
-            nn.utils.clip_grad_norm_(real.parameters(), clip)
-        opt.step()
-        p = {k: v.detach().clone().requires_grad_() for k, v in virt.named_parameters()}
-        loss = nn.functional.cross_entropy(torch.func.functional_call(virt, p, (x,)), y)
-        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
-        new_p, state = adam.step(params_of(virt), grads, lr, adam.clip_coef(grads))
-        adam.commit(virt, new_p, state)
-        for (k, a), b in zip(real.named_parameters(), virt.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{k} at step {it}")
-        for prm, (k, _) in zip(real.parameters(), virt.named_parameters(), strict=True):
-            torch.testing.assert_close(opt.state[prm]["exp_avg_sq"], adam.exp_avg_sq[k])
+    _lockstep(real, opt, virt, adam, 6, 1e-2, 0.8, clip, "exp_avg_sq")
     assert adam.t == 6
 
 
