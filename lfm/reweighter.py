@@ -40,10 +40,6 @@ from lfm.train import distributed
 from lfm.train.optim import OptimConfig
 
 API_METHODS = ("lfm", "l2rw", "mwnet", "small-loss", "ce")
-# Each method's per-example signal of a suspect label (low = suspect). LFM-DR's depends on the
-# variant: the faithful form's b ranks mislabelled examples *up* (docs/RESULTS.md), its a does not.
-_SIGNAL = {"l2rw": "weight", "mwnet": "weight", "small-loss": "weight"}
-_LFM_SIGNAL = {"paper": "a", "a-normalised": "a", "a-only": "a", "authors-code": "a"}
 
 
 def _reset(module: nn.Module) -> nn.Module:
@@ -367,10 +363,11 @@ class Reweighter:
     def signal(self) -> str:
         """The per-example array that ranks suspects for this method and variant (low =
         suspect)."""
-        name = self.method.name
-        if name == "lfm":
-            return _LFM_SIGNAL.get(self.method.cfg.variant, "b")
-        return _SIGNAL.get(name, "weight")
+        if self.method.name == "lfm":  # by variant: the faithful b ranks mislabelled ones *up*
+            from lfm.methods.lfm_dr import SIGNAL_KEY
+
+            return SIGNAL_KEY[self.method.cfg.variant]
+        return "weight"  # l2rw, mwnet, small-loss
 
     @property
     def weights(self) -> Tensor:
