@@ -359,3 +359,20 @@ def test_the_users_optimizer_is_the_truth_between_steps():
     rw_b.step(x[idx], y[idx], idx)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_the_public_step_runs_under_autocast():
+    """Under torch.autocast (bf16 on the CPU) the step runs, b moves, and the learners stay
+    fp32 (the engine keeps a, losses and hypergradients in fp32)."""
+    x, y, xv, yv = _digits()
+    torch.manual_seed(0)
+    net = _net()
+    rw = lfm.Reweighter(
+        net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), len(y), (xv, yv)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(4):
+            idx = torch.arange(i * 50, (i + 1) * 50)
+            logs = rw.step(x[idx], y[idx], idx)
+    assert all(np.isfinite(list(logs.values())))
+    assert (rw.weights[:200] != 1).all() and next(net.parameters()).dtype == torch.float32

@@ -331,9 +331,11 @@ def write_back(virtual: VirtualOptimizer, optimizer: torch.optim.Optimizer, modu
         return
     if virtual.exp_avg is None:
         return
+    g = optimizer.param_groups[0]
+    on_device = bool(g.get("fused") or g.get("capturable"))  # torch keeps `step` there then
     for k, p in named.items():
         s = optimizer.state[p]
-        s["step"] = torch.tensor(float(virtual.t))
+        s["step"] = torch.tensor(float(virtual.t), device=p.device if on_device else "cpu")
         s["exp_avg"] = virtual.exp_avg[k].clone()
         s["exp_avg_sq"] = virtual.exp_avg_sq[k].clone()
 
