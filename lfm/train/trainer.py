@@ -43,6 +43,7 @@ from lfm.train.checkpoint import (
     set_rng_state,
 )
 from lfm.train.evaluate import evaluate
+from lfm.train.metrics import MetricsLog
 from lfm.train.optim import lr_factor_fn
 from lfm.train.progress import progress_bar
 from lfm.train.runlock import run_folder_lock
@@ -280,6 +281,7 @@ class Trainer:
         self.ckpt = (
             CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
         )
+        self.metrics = MetricsLog(self.out if distributed.is_main() else None)
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
         )
@@ -400,6 +402,8 @@ class Trainer:
                 "test": {n: m["acc"] for n, m in test.items()},
             }
         )
+        rec = self.history[-1]
+        self.metrics.write("eval", step=rec["step"], epoch=epoch, val=rec["val"], test=rec["test"])
         self._last_eval = (val, test)
 
     def run(self) -> dict:
@@ -421,6 +425,7 @@ class Trainer:
             # run with a later step would otherwise outlive ours and be resumed next time.
             self.ckpt.clear()
         self.reweighter.sync()
+        self.metrics.open(ctx.step)  # keeps the lines of the steps the checkpoint holds
         self._seg_start = (ctx.step, self.train_seconds)
         spe = ctx.steps_per_epoch
         show = cfg.progress and distributed.is_main()
@@ -429,8 +434,10 @@ class Trainer:
             stopping = False
             t0 = time.perf_counter()
             for batch in self._batches(ctx.step, (ctx.epoch + 1) * spe):
+                lr, step = ctx.learner_lr("W1"), ctx.step
                 with self.autocast:  # the step advances ctx.step
                     logs = self._logs = self.reweighter.step(batch.x, batch.y, batch.idx)
+                self.metrics.write("step", step=step, epoch=step / spe, lr=lr, **logs)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -458,6 +465,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        self.metrics.close()  # every line is flushed as written: a crash loses none
         results = self.finish(resumed)
         distributed.barrier()  # files are written before any rank goes on (bench skips on them)
         return results
