@@ -43,7 +43,13 @@ API_METHODS = ("lfm", "l2rw", "mwnet", "small-loss", "ce")
 # Each method's per-example signal of a suspect label (low = suspect). LFM-DR's depends on the
 # variant: the faithful form's b ranks mislabelled examples *up* (docs/RESULTS.md), its a does not.
 _SIGNAL = {"l2rw": "weight", "mwnet": "weight", "small-loss": "weight"}
-_LFM_SIGNAL = {"paper": "a", "a-normalised": "a", "a-only": "a", "authors-code": "a"}
+_LFM_SIGNAL = {
+    "paper": "a",
+    "a-normalised": "a",
+    "a-only": "a",
+    "authors-code": "a",
+    "own-grad-chain-rule": "a",
+}
 
 
 def _reset(module: nn.Module) -> nn.Module:
