@@ -166,3 +166,17 @@ def test_authors_fd_product_is_the_directional_derivative():
     fd = directional("fd")(net, p, {}, x, y, g)
     exact = directional("exact")(net, p, {}, x, y, g)
     assert torch.allclose(fd, exact, rtol=1e-3, atol=1e-8)  # O(0.01^2) truncation
+
+
+def test_variant_brings_its_preset():
+    """`lfm dr --variant authors-code` (options {"variant": ...}) runs the authors' optimizer;
+    today's form keeps its lazy Adam under its own name."""
+    from lfm.methods.lfm_dr import LFMConfig
+
+    cfg = LFMConfig.from_options({"variant": "authors-code"})
+    assert (cfg.b_optim, cfg.b_lr, cfg.b_clip, cfg.b_index) == ("authors-sgd", 1e-2, 5.0, "example")
+    assert cfg.iter_options().b_path == "authors"
+    old = LFMConfig.from_options({"variant": "own-grad-chain-rule"})
+    assert (old.b_optim, old.b_clip, old.iter_options().b_path) == ("adam", None, "own-grad")
+    pos = LFMConfig.from_options({"preset": "authors-code", "b_index": "position"})
+    assert pos.b_index == "position" and pos.b_optim == "authors-sgd"

@@ -256,12 +256,15 @@ class LFMConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> LFMConfig:
-        """A preset (`preset`, default `RECOMMENDED`) with fields overridden by `options`.
+        """A preset (`preset`; if only `variant` is given, the preset of that name; else
+        `RECOMMENDED`) with fields overridden by `options`. So `variant=authors-code` brings
+        the authors' b optimizer with it, as `preset=authors-code` does.
 
         Values may be strings (from the command line); they are parsed by the field's type.
         """
         parsed = check_options("lfm", dict(options), lfm_option_specs(), fill=False)
-        name = parsed.pop("preset", RECOMMENDED)
+        named = parsed.get("variant")
+        name = parsed.pop("preset", named if named in PRESETS else RECOMMENDED)
         cfg = replace(PRESETS[name], **parsed)
         cfg.validate()
         return cfg
