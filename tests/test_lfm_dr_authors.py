@@ -180,3 +180,27 @@ def test_variant_brings_its_preset():
     assert (old.b_optim, old.b_clip, old.iter_options().b_path) == ("adam", None, "own-grad")
     pos = LFMConfig.from_options({"preset": "authors-code", "b_index": "position"})
     assert pos.b_index == "position" and pos.b_optim == "authors-sgd"
+
+
+def test_authors_b_optimizer_resumes_identically():
+    """The momentum of the authors' optimizer_b is in the state dict: 8 steps, save, 8 more equal
+    16 straight (position-indexed b, crossing an epoch boundary at step 12)."""
+    import numpy as np
+    from test_lfm_dr import train
+
+    b = bundle()
+    cfg = replace(PRESETS["authors-code"], b_index="position")
+    ctx = context(b)
+    m = LFMDR(cfg)
+    m.setup(ctx)
+    train(m, ctx, 8)
+    state = copy.deepcopy(m.state_dict())
+    stream_state = ctx.val_stream.state_dict()
+    train(m, ctx, 16, start=8)
+    ctx2 = context(b)
+    m2 = LFMDR(cfg)
+    m2.setup(ctx2)
+    m2.load_state_dict(state)
+    ctx2.val_stream.load_state_dict(stream_state)
+    train(m2, ctx2, 16, start=8)
+    np.testing.assert_array_equal(m.per_example()["b"], m2.per_example()["b"])

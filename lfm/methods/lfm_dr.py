@@ -12,7 +12,7 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
                  W2's validation loss falls when W1 makes *more* validation mistakes
                  (larger u -> larger a -> larger W2 step), so b is pushed to make W1 worse.
 - `authors-code` what the authors' public code runs (GitHub importZL/LFM,
-                 `DR/lfm-dr-class_imbalance/dr-lfm-imbalance.py`, commit dbda025): after
+                 `DR/lfm-dr-class_imbalance/dr-lfm-imbalance.py` at commit 0baf131): after
                  stage 1, W1's `.grad` holds its own clipped training gradient g1 (lines
                  302-305); `_hessian_vector_product1` (lines 391-416) gives (1/n) g1 . grad l_i
                  by a central difference at the old W1 (eps = 0.01/||g1||); it is *added* to b's
@@ -24,7 +24,8 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
                  b never sees validation data. b is not clamped. Their b is per batch
                  *position* (`weight_b[:, i]`, i = the batch's index in the epoch, line 301)
                  while their loader reshuffles: `b_index=position` does that; the preset keeps
-                 one b per example.
+                 one b per example. W1's own optimizer is the run's (theirs, optimizer_a: SGD
+                 0.1, Nesterov 0.9, wd 5e-4, W1's gradient clipped at 5 before its step).
 - `own-grad-chain-rule` this project's first `authors-code`: the same product along W1's own
                  clipped gradient but through the chain-rule factor of the unrolled step
                  (-xi1/n for SGD), with the lazy per-entry Adam and the clamp b >= 0: the
@@ -739,7 +740,8 @@ class LFMDR(_LFMBase):
         self.w1.opt.load_state_dict(state["sgd1"])
         self.w2.opt.load_state_dict(state["sgd2"])
         self.b.copy_(state["b"])
-        # mutant lfm-resume-loses-b-moments: drop | lfm_dr:round_trip behaviour:resumed
+        # mutant lfm-resume-loses-b-moments: drop
+        #   | lfm_dr:round_trip behaviour:resumed lfm_dr_authors:resumes
         self.b_opt.load_state_dict(state["b_opt"])
         self._load_common(state)
 
