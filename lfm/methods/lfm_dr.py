@@ -692,7 +692,7 @@ class LFMDR(_LFMBase):
         )
         check_finite(res, ctx.step)
         commit(self.w1, self.w2, res)
-        b_fell = None
+        b_fell = b_pushed_down = None
         if res.grad_b is not None:  # the global batch's gradient, the same on every rank
             before = self.b[slots].clone()
             # mutant b-step-sign: `res.grad_b.detach()` -> `-res.grad_b.detach()`
@@ -700,13 +700,14 @@ class LFMDR(_LFMBase):
             # mutant b-step-dropped: drop | behaviour:b_r_and_v
             self._b_step(slots, res.grad_b.detach(), ctx)
             b_fell = (self.b[slots] < before).float().mean()  # fraction of the batch's b that fell
+            b_pushed_down = (res.grad_b > 0).float().mean()  # ... that its gradient alone lowers
         self._stage3_updates(res, idx, r_idx, v_params)
         self.a_last[whole] = part.gather(res.s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
         logs = dict(res.logs)
         logs["b_mean"] = self.b[slots].mean()
         if b_fell is not None:
-            logs["b_fell"] = b_fell
+            logs["b_fell"], logs["b_pushed_down"] = b_fell, b_pushed_down
         return self._floats(logs, part)
 
     def models(self) -> dict[str, nn.Module]:
