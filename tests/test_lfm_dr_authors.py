@@ -204,3 +204,22 @@ def test_authors_b_optimizer_resumes_identically():
     ctx2.val_stream.load_state_dict(stream_state)
     train(m2, ctx2, 16, start=8)
     np.testing.assert_array_equal(m.per_example()["b"], m2.per_example()["b"])
+
+
+def test_authors_b_step_lowers_half_the_squared_batch_gradient():
+    """(1/n) g1 . grad l_i is d/db_i of 1/2 ||g1(b)||^2 (g1 = grad of mean_i b_i l_i at W1, no
+    clip active): one authors-code step on b lowers it on that batch at that W1, and the step
+    with the opposite sign would raise it."""
+    m, w1, batches, _ = _run("authors-code", steps=1, clips=(5.0, 5.0))
+    x, y, idx = batches[0]
+    params = list(w1.parameters())
+
+    def half_sq(bvec):
+        g = torch.autograd.grad((F.cross_entropy(w1(x), y, reduction="none") * bvec).mean(), params)
+        return 0.5 * float(_concat(g).norm() ** 2)
+
+    ones = torch.ones(len(y))
+    assert float(_concat(torch.autograd.grad(F.cross_entropy(w1(x), y), params)).norm()) < 5.0
+    before, after = half_sq(ones), half_sq(m.b[idx])
+    mirrored = half_sq(2 * ones - m.b[idx])
+    assert after < before - 1e-6 and mirrored > before, (before, after, mirrored)
