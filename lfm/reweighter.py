@@ -255,7 +255,7 @@ class Reweighter:
                 f"encoder {options['encoder']!r} is not offered by Reweighter yet",
                 "use encoder='full' (the default)",
             )
-        if method == "lfm":
+        if method == "lfm" and "variant" not in options:  # a variant brings its own preset
             options.setdefault("preset", _recommended())
         self.source = _UserLearners(model, optimizer, w2, w2_optimizer, encoder, grad_clip)
         val = Split(x_val, y_val, torch.arange(len(y_val)))

@@ -396,3 +396,16 @@ def test_a_users_own_loss_reaches_every_hypergradient():
     plain = _run_case("own-loss", "exact")[0]  # outside per_example_loss: cross-entropy
     assert rel(own.grad_b, plain.grad_b) > 1e-2 and rel(own.grad_r, plain.grad_r) > 1e-2
     assert rel(own.grad_v[0], plain.grad_v[0]) > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["exact", "fd"])
+def test_authors_b_path_ignores_validation_data_and_has_the_opposite_sign(backend):
+    """The `authors` b path (authors-code) never sees validation data either, and is
+    +(1/n) h . grad l_i where `own-grad` is -(xi1/n) h . grad l_i: opposite signs."""
+    xv, yv = data(0)[2], data(0)[3]
+    g0 = _b_grad(backend, b_path="authors")
+    g1 = _b_grad(backend, y_val=(yv + 1) % C, x_val=2 * xv + 1, b_path="authors")
+    torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+    own = _b_grad(backend, b_path="own-grad")
+    big = own.abs() > 0.05 * own.abs().max()
+    assert big.sum() > 3 and bool((torch.sign(g0[big]) == -torch.sign(own[big])).all())

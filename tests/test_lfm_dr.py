@@ -98,6 +98,7 @@ def accuracy(model, split):
     [
         ("paper", False),
         ("authors-code", False),
+        ("own-grad-chain-rule", False),
         ("a-normalised", True),
         ("a-only", False),
         ("w1-val", True),

@@ -70,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--variant",
         default=RECOMMENDED,
         help=f"LFM-DR variant (default {RECOMMENDED}, chosen on validation data, see "
-        "docs/RESULTS.md): paper (faithful to the paper), authors-code, a-normalised, a-only, "
-        "w1-val, w1-val-only",
+        "docs/RESULTS.md): paper (faithful to the paper), authors-code (the authors' public "
+        "code's b rule), own-grad-chain-rule, a-normalised, a-only, w1-val, w1-val-only",
     )
     g.add_argument(
         "--backend",

@@ -26,8 +26,14 @@ Where h comes from is the *b path*, the one place the variants differ:
     `w2+w1val` h as above + lam * grad L_val(W1'): b also answers to W1's own validation loss;
     `w1val`    h = lam * grad L_val(W1') alone: a control that keeps W2, V and r as in the paper
                but lets only W1's own validation loss drive b (a persistent, per-example L2RW);
-    `own-grad` h = W1's own clipped training gradient grad L1 (what the authors' code runs:
-               b never sees validation data);
+    `own-grad` h = W1's own clipped training gradient grad L1, taken through the chain-rule
+               factor J1^T like the other paths (dL/dw_i = -xi1/n h . grad l_i for SGD): b never
+               sees validation data, and examples that agree with the batch gradient go *up*;
+    `authors`  what the authors' code runs (`dr-lfm-imbalance.py`, train() lines 353-373 and
+               `_hessian_vector_product1` lines 391-416): dL/dw_i = +1/n h . grad l_i(W1) with
+               h = W1's own clipped training gradient, by a central difference at the old W1
+               (eps = 0.01/||h||, always), no J1^T factor: descending it, examples that agree
+               with the batch gradient go *down* (b descends 1/2 ||h(b)||^2);
     `frozen`   no b update.
 The iteration does not touch the modules; `commit` applies the real updates afterwards.
 
@@ -59,7 +65,7 @@ from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
 from lfm.train.distributed import Part
 
-B_PATHS = ("w2", "w2+w1val", "w1val", "own-grad", "frozen")
+B_PATHS = ("w2", "w2+w1val", "w1val", "own-grad", "authors", "frozen")
 _THROUGH_U = ("w2", "w2+w1val", "w1val")  # b paths that need u's graph back to W1'
 
 
@@ -91,9 +97,9 @@ class IterOptions:
     use_u: bool = True
     use_z: bool = True
     a_norm: bool = False  # a_i / mean(a)
-    b_path: str = "w2"  # w2 | w2+w1val | w1val | own-grad | frozen
+    b_path: str = "w2"  # w2 | w2+w1val | w1val | own-grad | authors | frozen
     w1_val_weight: float = 1.0  # lam of the w2+w1val path
-    own_grad_clip: float = 5.0  # norm clip of W1's own gradient on the own-grad path
+    own_grad_clip: float = 5.0  # norm clip of W1's own gradient (own-grad, authors paths)
 
 
 @dataclass
@@ -340,7 +346,7 @@ def validate(
 
     grad_b = None
     if s1 is not None and b is not None and opts.b_path != "frozen":
-        if opts.b_path == "own-grad":  # the authors' code: W1's own clipped training gradient
+        if opts.b_path in ("own-grad", "authors"):  # W1's own clipped training gradient
             gn = float(norm(s1.g1))
             c = min(1.0, opts.own_grad_clip / (gn + 1e-6))
             h = {k: v * c for k, v in s1.g1.items()}
@@ -350,9 +356,15 @@ def validate(
                 for k, g in zip(s2.p1_leaf, grads[len(v_params) + 1 :], strict=True)
             }
         logs["hg_h"] = norm(h)
-        # dL/dw_i = 1/n * (J1^T h) . grad l_i(W1)
-        # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
-        dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
+        if opts.b_path == "authors":
+            # their _hessian_vector_product1: (l_i(W1 + eps h) - l_i(W1 - eps h)) / (2 eps n),
+            # eps = 0.01 / ||h||, at the old W1, added to b's zeroed gradient: no J1^T, no sign
+            # mutant authors-sign: `) / n` -> `) / -n` | lfm_dr_authors
+            dL_dw = directional("fd")(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h) / n
+        else:
+            # dL/dw_i = 1/n * (J1^T h) . grad l_i(W1)
+            # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+            dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         bl = b.detach().requires_grad_(True)
         (grad_b,) = torch.autograd.grad(b_weights(bl, opts.b_mode), bl, dL_dw.to(bl.dtype))

@@ -11,9 +11,25 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
 - `paper`        the faithful form: dL_val(W2')/db through u(W1'). Known perverse incentive:
                  W2's validation loss falls when W1 makes *more* validation mistakes
                  (larger u -> larger a -> larger W2 step), so b is pushed to make W1 worse.
-- `authors-code` what the authors' public code runs: b's finite-difference product is taken
-                 along W1's OWN clipped training gradient instead of dL_val/dW1', so b never
-                 sees validation data (a gradient-alignment filter on the training batch).
+- `authors-code` what the authors' public code runs (GitHub importZL/LFM,
+                 `DR/lfm-dr-class_imbalance/dr-lfm-imbalance.py` at commit 0baf131): after
+                 stage 1, W1's `.grad` holds its own clipped training gradient g1 (lines
+                 302-305); `_hessian_vector_product1` (lines 391-416) gives (1/n) g1 . grad l_i
+                 by a central difference at the old W1 (eps = 0.01/||g1||); it is *added* to b's
+                 zeroed gradient (lines 353-365), clipped to norm 5 (line 367), and b is
+                 *descended* by `optimizer_b` (lines 182-184: SGD lr 1e-2, momentum 0.9,
+                 Nesterov, weight decay 5e-4 on all of b every step; cosine over the epochs to
+                 1e-5, lines 188-189, 229). So b_i moves by -lr_b (1/n) g1 . grad l_i: examples
+                 that agree with the batch gradient go *down* (b descends 1/2 ||g1(b)||^2), and
+                 b never sees validation data. b is not clamped. Their b is per batch
+                 *position* (`weight_b[:, i]`, i = the batch's index in the epoch, line 301)
+                 while their loader reshuffles: `b_index=position` does that; the preset keeps
+                 one b per example. W1's own optimizer is the run's (theirs, optimizer_a: SGD
+                 0.1, Nesterov 0.9, wd 5e-4, W1's gradient clipped at 5 before its step).
+- `own-grad-chain-rule` this project's first `authors-code`: the same product along W1's own
+                 clipped gradient but through the chain-rule factor of the unrolled step
+                 (-xi1/n for SGD), with the lazy per-entry Adam and the clamp b >= 0: the
+                 opposite sign, so examples that agree with the batch gradient go *up*.
 - `a-normalised` a_i / mean_batch(a): u changes the mix of examples in W2's step, not its size,
                  which removes the "bigger mistakes, bigger step" incentive.
 - `a-only`       b frozen at its initial value: only the stage-2 weights a act (W1 = plain CE).
@@ -27,7 +43,8 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
 
 Which per-example array flags wrong labels (`SIGNAL_KEY`, the default of `lfm suspects`): `b` for
 `w1-val` and `w1-val-only` (AUROC 0.92 on MNIST-1D, docs/RESULTS.md); `a` for the others, whose
-`b` ranks noisy examples *up* (`paper` 0.32, `authors-code` 0.40) or is frozen (`a-only`),
+`b` ranks noisy examples *up* (`paper` 0.32, `own-grad-chain-rule` 0.40, measured when it was
+called `authors-code`) or is frozen (`a-only`),
 while the last `a` is a label-consistency filter (AUROC 0.79-0.85).
 
 Encoders (`LFMConfig.encoder`): `full` (a network trained in stage 3: a fresh body of the
@@ -80,6 +97,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -111,13 +129,17 @@ from lfm.train import distributed
 # variant -> (b path of the engine, a normalised per batch)
 VARIANTS: dict[str, tuple[str, bool]] = {
     "paper": ("w2", False),
-    "authors-code": ("own-grad", False),
+    "authors-code": ("authors", False),
+    "own-grad-chain-rule": ("own-grad", False),
     "a-normalised": ("w2", True),
     "a-only": ("frozen", False),
     "w1-val": ("w2+w1val", False),
     "w1-val-only": ("w1val", False),
 }
 OPTIMS = ("adam", "sgd")
+# b's optimizer may also be the authors' `optimizer_b` (`AuthorsSGD`)
+B_OPTIMS = (*OPTIMS, "authors-sgd")
+B_INDEX = ("example", "position")
 # The variant run wherever none is named (API, `lfm dr`, `lfm train --method lfm`, `lfm bench`,
 # configs). Picked on validation accuracy of the MNIST-1D suites in docs/RESULTS.md (40% flip
 # noise and imbalance 50, 3 seeds), where it ties with its control w1-val-only and beats the
@@ -127,6 +149,7 @@ RECOMMENDED = "w1-val"
 SIGNAL_KEY: dict[str, str] = {
     "paper": "a",
     "authors-code": "a",
+    "own-grad-chain-rule": "a",
     "a-normalised": "a",
     "a-only": "a",
     "w1-val": "b",
@@ -139,7 +162,8 @@ class LFMConfig:
     """Everything LFM-DR adds to a plain training run. Presets: `PRESETS`."""
 
     variant: str = (
-        RECOMMENDED  # paper | authors-code | a-normalised | a-only | w1-val | w1-val-only
+        RECOMMENDED  # paper | authors-code | own-grad-chain-rule | a-normalised | a-only | w1-val
+        # | w1-val-only
     )
     backend: str = "exact"  # exact (jvp) | fd (finite differences, DARTS eps, fp32)
     b_mode: str = (
@@ -148,7 +172,11 @@ class LFMConfig:
     b_init: float | None = (
         None  # None: 1.0 (raw, batch-normalised; W1 starts as plain CE), 0.0 (sigmoid)
     )
-    b_optim: str = "adam"  # lazy per-entry Adam: scale-free, as b's hypergradient is ~1e-6
+    b_optim: str = "adam"  # lazy per-entry Adam (scale-free: b's hypergradient is ~1e-6) | sgd
+    # | authors-sgd (their optimizer_b: dense SGD, Nesterov 0.9, wd 5e-4, cosine per epoch)
+    b_clip: float | None = None  # norm clip of b's gradient before its step (authors: 5)
+    b_index: str = "example"  # example: one b per training example | position: one per batch
+    # position (slot = index of the batch in the epoch x its size + row), as the authors' code
     b_lr: float = 0.05  # with Adam, about how far b_i moves each time example i is seen
     r_init: float = 1.0  # r=0 would make a constant and silence the V and b gradients at start
     r_optim: str = "adam"  # lazy per-entry Adam over the validation set
@@ -166,7 +194,8 @@ class LFMConfig:
     encoder_dim: int | None = None  # head mode: projection output size (None: feature size)
     val_bank: int = 0  # >0: x's softmax also spans this many earlier validation embeddings
     w1_val_weight: float = 1.0  # w1-val: weight of L_val(W1') in b's objective
-    own_grad_clip: float = 5.0  # authors-code: norm clip of W1's own gradient (DARTS's 5)
+    own_grad_clip: float = 5.0  # authors-code, own-grad-chain-rule: norm clip of W1's own
+    # gradient (the authors clip W1's gradient at 5 before their product)
     sn_warmup: float = 0.5  # lfm-sn: fraction of the run trained with plain CE before reweighting
 
     def validate(self) -> None:
@@ -191,6 +220,8 @@ class LFMConfig:
             raise LFMError(f"lfm.w1_val_weight must be >= 0, got {self.w1_val_weight}", "use 1.0")
         if not 0 <= self.sn_warmup < 1:
             raise LFMError(f"lfm.sn_warmup must be in [0, 1), got {self.sn_warmup}", "use 0.5")
+        if self.b_clip is not None and not self.b_clip > 0:
+            raise LFMError(f"lfm.b_clip must be > 0 or none, got {self.b_clip}", "use 5 or none")
         if self.encoder_dim is not None and self.encoder_dim < 1:
             raise LFMError(f"lfm.encoder_dim must be >= 1, got {self.encoder_dim}", "omit it")
         if self.b_mode == "sigmoid" and self.b_init is not None and self.b_init < -50:
@@ -226,12 +257,15 @@ class LFMConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> LFMConfig:
-        """A preset (`preset`, default `RECOMMENDED`) with fields overridden by `options`.
+        """A preset (`preset`; if only `variant` is given, the preset of that name; else
+        `RECOMMENDED`) with fields overridden by `options`. So `variant=authors-code` brings
+        the authors' b optimizer with it, as `preset=authors-code` does.
 
         Values may be strings (from the command line); they are parsed by the field's type.
         """
         parsed = check_options("lfm", dict(options), lfm_option_specs(), fill=False)
-        name = parsed.pop("preset", RECOMMENDED)
+        named = parsed.get("variant")
+        name = parsed.pop("preset", named if named in PRESETS else RECOMMENDED)
         cfg = replace(PRESETS[name], **parsed)
         cfg.validate()
         return cfg
@@ -243,7 +277,8 @@ def _choice_fields() -> dict[str, tuple[str, ...]]:
         "variant": tuple(VARIANTS),
         "backend": tuple(BACKENDS.names()),
         "b_mode": tuple(B_MODES),
-        "b_optim": OPTIMS,
+        "b_optim": B_OPTIMS,
+        "b_index": B_INDEX,
         "r_optim": OPTIMS,
         "v_optim": OPTIMS,
         "similarity": tuple(SIMILARITIES),
@@ -278,6 +313,8 @@ def lfm_option_specs() -> dict[str, Opt]:
             spec = Opt("float", default, lo=0.0)
         elif f.name == "sn_warmup":
             spec = Opt("float", default, lo=0.0, hi=1.0, hi_open=True)
+        elif f.name == "b_clip":
+            spec = Opt("float", default, lo=0.0, lo_open=True, none_ok=True)
         elif f.name == "encoder_dim":
             spec = Opt("int", default, lo=1, none_ok=True)
         elif f.name in ("b_init", "r_init"):
@@ -292,7 +329,10 @@ def lfm_option_specs() -> dict[str, Opt]:
 
 PRESETS: dict[str, LFMConfig] = {
     "paper": LFMConfig(variant="paper"),  # faithful: dot attention, full encoder, b via u(W1')
-    "authors-code": LFMConfig(variant="authors-code"),  # b along W1's own clipped gradient
+    # the authors' code: b descends (1/n) g1 . grad l_i with their optimizer_b and clip 5
+    "authors-code": LFMConfig(variant="authors-code", b_optim="authors-sgd", b_lr=1e-2, b_clip=5.0),
+    # this project's first `authors-code`: the chain-rule factor -xi1/n, lazy Adam (opposite sign)
+    "own-grad-chain-rule": LFMConfig(variant="own-grad-chain-rule"),
     "a-normalised": LFMConfig(variant="a-normalised"),  # a / mean(a) per batch
     "a-only": LFMConfig(variant="a-only"),  # b frozen: stage-2 weights only
     "w1-val": LFMConfig(variant="w1-val"),  # + W1's own validation loss in b's objective
@@ -302,6 +342,46 @@ PRESETS: dict[str, LFMConfig] = {
         variant="paper", encoder="head", backend="fd"
     ),  # frozen cached encoder, DARTS differences
 }
+
+
+class AuthorsSGD:
+    """The authors' `optimizer_b` and `scheduler_b` (dr-lfm-imbalance.py lines 182-189, 229).
+
+    torch.optim.SGD over ALL of b (lr b_lr, momentum 0.9, Nesterov, weight decay 5e-4): every
+    step, entries outside the batch decay and keep moving with their momentum, as theirs do.
+    The lr follows CosineAnnealingLR(T_max = epochs, eta_min = 1e-5) stepped once per epoch.
+    """
+
+    MOMENTUM, WEIGHT_DECAY, ETA_MIN = 0.9, 5e-4, 1e-5
+
+    def __init__(self, b: Tensor, lr: float, epochs: int):
+        self.lr0, self.epochs = lr, max(1, epochs)
+        self.opt = torch.optim.SGD(
+            [b], lr, momentum=self.MOMENTUM, nesterov=True, weight_decay=self.WEIGHT_DECAY
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        """scheduler_b's lr in `epoch` (0-based)."""
+        e = self.ETA_MIN
+        return (
+            e + (self.lr0 - e) * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs)) / 2
+        )
+
+    @torch.no_grad()
+    def step(self, b: Tensor, idx: Tensor, grad: Tensor, epoch: int) -> None:
+        """b's gradient is `grad` at `idx` and zero elsewhere; one SGD step on all of b."""
+        full = torch.zeros_like(b).index_add_(0, idx, grad.to(b.dtype))
+        b.grad = full
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(epoch)
+        self.opt.step()
+        b.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
 
 
 class SharedPair(nn.Module):
@@ -536,7 +616,45 @@ class LFMDR(_LFMBase):
             self.w2_eval = w2_model
         n_tr = len(ctx.bundle.train)
         self.b = torch.full((n_tr,), float(self.cfg.initial_b), device=ctx.device)
-        self.b_opt = EntryOptimizer(n_tr, self.cfg.b_optim, self.cfg.b_lr, device=ctx.device)
+        self.b_opt: EntryOptimizer | AuthorsSGD
+        if self.cfg.b_optim == "authors-sgd":
+            epochs = round(ctx.total_steps / max(1, ctx.steps_per_epoch))
+            self.b_opt = AuthorsSGD(self.b, self.cfg.b_lr, epochs)
+        else:
+            self.b_opt = EntryOptimizer(n_tr, self.cfg.b_optim, self.cfg.b_lr, device=ctx.device)
+
+    def _slots(self, whole: Tensor, ctx: Context) -> Tensor:
+        """Which entries of b the global batch uses: its examples, or (b_index=position) its
+        positions, batch k of the epoch taking entries k*n .. k*n+n-1 (the last batch the last
+        entries), as the authors' `weight_b[:, i]` whatever examples the loader put there."""
+        if self.cfg.b_index == "example":
+            return whole
+        k, spe, n, total = (
+            ctx.step % ctx.steps_per_epoch,
+            ctx.steps_per_epoch,
+            len(whole),
+            len(self.b),
+        )
+        start = total - n if k == spe - 1 else k * n
+        if start < 0 or start + n > total:
+            raise LFMError(
+                f"b_index=position: batch {k} of {spe} with {n} examples does not fit the "
+                f"{total} entries of b",
+                "use b_index=example, or full batches of one size",
+            )
+        return torch.arange(start, start + n, device=self.b.device)
+
+    def _b_step(self, slots: Tensor, grad: Tensor, ctx: Context) -> None:
+        """Clip b's gradient (b_clip, as clip_grad_norm_), then its optimizer's step."""
+        if self.cfg.b_clip:
+            c = self.cfg.b_clip / (float(grad.norm()) + 1e-6)
+            grad = grad * min(1.0, c)
+        if isinstance(self.b_opt, AuthorsSGD):  # their b is not clamped
+            self.b_opt.step(self.b, slots, grad, ctx.epoch)
+            return
+        self.b_opt.step(self.b, slots, grad)
+        if self.cfg.b_mode != "sigmoid":
+            self.b[slots] = self.b[slots].clamp_min(0.0)
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """One iteration of Algorithm 1: learn, relearn, validate; then update W1, W2, b, r, V."""
@@ -547,6 +665,7 @@ class LFMDR(_LFMBase):
         x_tr, y_tr, idx, x_val, y_val, vidx = self._batches(batch, ctx)
         part = distributed.part_of(batch)
         whole = idx if batch.whole is None else batch.whole  # the global batch's positions
+        slots = self._slots(whole, ctx)  # b's entries for this batch
         bank, bank_idx = self._bank()
         r_idx = vidx if bank_idx is None else torch.cat([vidx, bank_idx])
         r = self.r[r_idx].clone().requires_grad_(True)
@@ -560,7 +679,7 @@ class LFMDR(_LFMBase):
             y_tr,
             x_val,
             y_val,
-            self.b[whole],
+            self.b[slots],
             r,
             embed,
             v_params,
@@ -573,18 +692,22 @@ class LFMDR(_LFMBase):
         )
         check_finite(res, ctx.step)
         commit(self.w1, self.w2, res)
+        b_fell = b_pushed_down = None
         if res.grad_b is not None:  # the global batch's gradient, the same on every rank
+            before = self.b[slots].clone()
             # mutant b-step-sign: `res.grad_b.detach()` -> `-res.grad_b.detach()`
             #   | behaviour:b_r_and_v
             # mutant b-step-dropped: drop | behaviour:b_r_and_v
-            self.b_opt.step(self.b, whole, res.grad_b.detach())
-            if self.cfg.b_mode != "sigmoid":
-                self.b[whole] = self.b[whole].clamp_min(0.0)
+            self._b_step(slots, res.grad_b.detach(), ctx)
+            b_fell = (self.b[slots] < before).float().mean()  # fraction of the batch's b that fell
+            b_pushed_down = (res.grad_b > 0).float().mean()  # ... that its gradient alone lowers
         self._stage3_updates(res, idx, r_idx, v_params)
         self.a_last[whole] = part.gather(res.s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
         logs = dict(res.logs)
-        logs["b_mean"] = self.b[whole].mean()
+        logs["b_mean"] = self.b[slots].mean()
+        if b_fell is not None:
+            logs["b_fell"], logs["b_pushed_down"] = b_fell, b_pushed_down
         return self._floats(logs, part)
 
     def models(self) -> dict[str, nn.Module]:
@@ -592,8 +715,8 @@ class LFMDR(_LFMBase):
         return {"W1": self.w1.module, "W2": self.w2_eval}
 
     def per_example(self) -> dict[str, np.ndarray]:
-        """b (learned weight of each training example) and a (its last stage-2 weight; NaN if
-        never seen)."""
+        """b (learned weight of each training example; with b_index=position, of each batch
+        position) and a (its last stage-2 weight; NaN if never seen)."""
         return {"b": self.b.detach().cpu().numpy(), "a": self.a_last.detach().cpu().numpy()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -618,7 +741,8 @@ class LFMDR(_LFMBase):
         self.w1.opt.load_state_dict(state["sgd1"])
         self.w2.opt.load_state_dict(state["sgd2"])
         self.b.copy_(state["b"])
-        # mutant lfm-resume-loses-b-moments: drop | lfm_dr:round_trip behaviour:resumed
+        # mutant lfm-resume-loses-b-moments: drop
+        #   | lfm_dr:round_trip behaviour:resumed lfm_dr_authors:resumes
         self.b_opt.load_state_dict(state["b_opt"])
         self._load_common(state)
 
