@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from test_lfm_dr import bundle, context  # tests/ is on sys.path under pytest
 
-from lfm.data.types import DataBundle, Split, iterate_batches
+from lfm.data.types import DataBundle, iterate_batches
 from lfm.engine.functional import buffers_of, params_of
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.lfm_dr import LFMDR, PRESETS
@@ -219,18 +219,12 @@ def test_mwnet_update_lowers_the_clean_loss_after_the_virtual_step(float64):
 
 
 @pytest.fixture(scope="module")
-def digits64() -> DataBundle:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float64).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    y = torch.tensor(d.target)
-    p = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-
-    def split(i: torch.Tensor) -> Split:
-        return Split(x[i], y[i], i)
-
-    return DataBundle("digits", 10, (1, 8, 8), split(p[:64]), split(p[64:128]), split(p[1400:]))
+def digits64(digits_images) -> DataBundle:
+    """64 training and 64 validation digits as (1, 8, 8) float64 images (conftest's split)."""
+    b = digits_images(64, 64)
+    for s in (b.train, b.val, b.test):
+        s.x = s.x.double()
+    return b
 
 
 def _search_objective(L: _Learners, batches, alphas, r=None, encoder=None) -> float:
