@@ -7,7 +7,7 @@ import sys
 
 from lfm.errors import LFMError
 
-COMMANDS = ("train", "dr", "search", "evaluate", "bench", "report", "suspects")
+COMMANDS = ("train", "dr", "search", "evaluate", "nasbench", "bench", "report", "suspects")
 
 
 def build_parser() -> argparse.ArgumentParser:
