@@ -173,13 +173,16 @@ def test_hints_name_only_flags_that_exist():
 
     from lfm.cli.main import build_parser
 
-    parser = build_parser()
     known = {"--help", "--standalone", "--nproc"}  # the last two: torchrun's, in docstrings
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                for a in sub._actions:
-                    known.update(o for o in a.option_strings if o.startswith("--"))
+
+    def collect(parser: argparse.ArgumentParser) -> None:  # commands and their subcommands
+        for a in parser._actions:
+            known.update(o for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    collect(sub)
+
+    collect(build_parser())
     root = Path(__file__).resolve().parents[1] / "lfm"
     named = {}
     for p in root.rglob("*.py"):
