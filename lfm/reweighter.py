@@ -257,7 +257,7 @@ class Reweighter:
             )
         if method == "lfm" and "variant" not in options:  # a variant brings its own preset
             options.setdefault("preset", _recommended())
-        self.source = _UserLearners(model, optimizer, w2, w2_optimizer, encoder, grad_clip)
+        source = _UserLearners(model, optimizer, w2, w2_optimizer, encoder, grad_clip)
         val = Split(x_val, y_val, torch.arange(len(y_val)))
         bundle = DataBundle(
             "user",
@@ -279,18 +279,16 @@ class Reweighter:
             optim=OptimConfig(grad_clip=grad_clip),
             seed=seed,
             options=options,
-            source=self.source,
+            source=source,
         )
         m = METHODS.create(method)
         m.setup(ctx)
-        self._init(m, ctx)
-        self.loss = loss
+        self._init(m, ctx, loss)
         self.sync()
 
-    def _init(self, method: Method, ctx: Context) -> None:
-        self.method, self.ctx, self.loss = method, ctx, None
-        if ctx.source is None:
-            self.source = None
+    def _init(self, method: Method, ctx: Context, loss: PerExampleLoss | None = None) -> None:
+        # the user's learners and optimizers, when they brought them (None: the Trainer's)
+        self.method, self.ctx, self.loss, self.source = method, ctx, loss, ctx.source
 
     @classmethod
     def from_context(cls, method: Method, ctx: Context) -> Reweighter:
