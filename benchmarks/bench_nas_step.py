@@ -7,7 +7,7 @@ One process, the same CIFAR-shaped random batches for every method; for time the
 turns step by step (median over steps). Peak memory, one method at a time: on CUDA,
 torch.cuda.max_memory_allocated; on CPU, the peak bytes held by autograd's saved tensors
 (the activations a step keeps for backward, which is what grows with unrolling), measured with
-saved-tensor hooks; with --hvp exact on a CPU (torch.func refuses those hooks), the growth of
+saved-tensor hooks; with --backend exact on a CPU (torch.func refuses those hooks), the growth of
 the process's peak resident set (lfm.train.memory.PeakRSS), which counts allocator caching too.
 The issue's targets: LFM-DARTS <= 2x DARTS 2nd order in time without parameter sharing,
 <= 1.2x with sharing, memory <= 1.5x.
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32, help="image side (CIFAR: 32)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method (after 1 warm-up)")
-    ap.add_argument("--hvp", default="fd", choices=["fd", "exact"])
+    ap.add_argument("--backend", default="fd", choices=["fd", "exact"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
     ap.add_argument("--small", action="store_true", help="quick mode: 5 cells, C=8, batch 16")
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
 
     def learners(kw: dict) -> _Learners:
-        cfg = SearchConfig(layers=args.layers, C=args.C, batch_size=args.batch, hvp=args.hvp, **kw)
+        cfg = SearchConfig(
+            layers=args.layers, C=args.C, batch_size=args.batch, backend=args.backend, **kw
+        )
         lfm = cfg.method.startswith("lfm")
         return _Learners(cfg, bundle, stage, None, None, lfm, dev, torch.Generator().manual_seed(0))
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ln.step(*xs[1], arch=True)
             sync()
             mems[name] = torch.cuda.max_memory_allocated()
-        elif args.hvp == "exact":  # torch.func refuses saved-tensor hooks: resident set
+        elif args.backend == "exact":  # torch.func refuses saved-tensor hooks: resident set
             rss = PeakRSS()
             rss.start()
             ln.step(*xs[1], arch=True)
@@ -149,13 +151,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
     print(
         f"\ndevice {dev}, {args.layers} cells, C={args.C}, batch {args.batch}, "
-        f"{args.size}x{args.size}, hvp={args.hvp}, threads {torch.get_num_threads()}"
+        f"{args.size}x{args.size}, backend={args.backend}, threads {torch.get_num_threads()}"
     )
     mem_kind = (
         "peak CUDA MiB"
         if dev.type == "cuda"
         else "peak RSS growth MiB"
-        if args.hvp == "exact"
+        if args.backend == "exact"
         else "peak saved-for-backward MiB"
     )
     print(f"\n| method | s / step | x DARTS-2nd | {mem_kind} | x DARTS-2nd |")

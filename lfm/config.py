@@ -52,6 +52,7 @@ class RunConfig:
     progress: bool = True  # a progress bar on stderr
     precision: str = "fp32"  # fp32 | bf16 (autocast around every method's forward passes)
     compile: bool = False  # torch.compile the model's forward (plain methods only)
+    tensorboard: bool = False  # also write the metrics as TensorBoard events (out/tensorboard)
 
     def validate(self, options: bool = True) -> None:
         """Raise LFMError naming the first bad field.

@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from test_lfm_dr import bundle, context  # tests/ is on sys.path under pytest
 
@@ -35,7 +36,6 @@ from lfm.nas.hypergrad import (
     darts_alpha_grad,
     lfm_nas_grad,
     lfm_nas_grad_shared,
-    sgd_view,
 )
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.search import SearchConfig, _Learners, _plan
@@ -235,21 +235,21 @@ def _search_objective(L: _Learners, batches, alphas, r=None, encoder=None) -> fl
     named1 = dict(L.net1.named_parameters())
     w1 = {k: p.detach() for k, p in named1.items()}
     if not L.lfm:
-        view = sgd_view(L.opt1, named1)
+        view = L._rule(L.net1, L.opt1)
         return darts_alpha_grad(
             L.net1, w1, alphas, (xt, yt), (xv, yv), view, L.cfg.order, "exact", masks=masks
         ).loss_val
     r = L.r[vidx] if r is None else r
     if L.shared:
         return lfm_nas_grad_shared(
-            L.net1, w1, alphas, r, (xt, yt), (xv, yv), sgd_view(L.opt1, named1), "exact",
+            L.net1, w1, alphas, r, (xt, yt), (xv, yv), L._rule(L.net1, L.opt1), "exact",
             masks=masks,
         ).loss_val  # fmt: skip
     named2 = dict(L.net2.named_parameters())
     enc = encoder if encoder is not None else L.encoder
     return lfm_nas_grad(
         L.net1, w1, {k: p.detach() for k, p in named2.items()}, alphas, r, (xt, yt), (xv, yv),
-        sgd_view(L.opt1, named1), sgd_view(L.opt2, named2), enc,
+        L._rule(L.net1, L.opt1), L._rule(L.net2, L.opt2), enc,
         {k: p.detach() for k, p in enc.named_parameters()}, "exact", masks=masks,
     ).loss_val  # fmt: skip
 
@@ -272,7 +272,7 @@ def test_search_step_moves_alpha_down_its_validation_objective(float64, digits64
     same step; what it adds (operation dropping) is tested in test_nas_space."""
     cfg = SearchConfig(
         method=method, layers=2, C=4, batch_size=16, w_lr=0.05, arch_lr=3e-3, vr_lr=3e-3,
-        hvp="exact", warmup_epochs=0, **kw,
+        backend="exact", warmup_epochs=0, **kw,
     )  # fmt: skip
     torch.manual_seed(0)
     e = num_edges()
@@ -350,3 +350,38 @@ def test_a_resumed_method_keeps_training_to_the_uninterrupted_result(name, optio
     assert want.keys() == have.keys()
     for k in want:
         np.testing.assert_array_equal(want[k], have[k], err_msg=k)
+
+
+@pytest.mark.parametrize("encoder", ["full", "shared"])
+def test_search_real_step_is_torch_sgd_with_clipping(float64, digits64, encoder):
+    """LFM-DARTS's W1' is the real update: after a step whose gradient is clipped (clip 0.01,
+    far below the gradient's norm), W1 equals what torch.optim.SGD gives after
+    clip_grad_norm_ on W1's own training gradient (in shared mode: on the head H1's)."""
+    cfg = SearchConfig(
+        method="lfm-darts", layers=2, C=4, batch_size=16, grad_clip=0.01, warmup_epochs=0,
+        encoder=encoder,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    e = num_edges()
+    L = _Learners(
+        cfg, digits64, _plan(cfg, False)[0], [list(PRIMITIVES)] * e, [list(PRIMITIVES)] * e,
+        True, "cpu", torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    tr, va = digits64.train, digits64.val
+    L.step(tr.x[16:32], tr.y[16:32], va.x[16:32], va.y[16:32], torch.arange(16, 32), True)
+    old = copy.deepcopy(L)
+    L.step(tr.x[:16], tr.y[:16], va.x[:16], va.y[:16], torch.arange(16), True)
+    net, opt = old.net1, old.opt1
+    a = tuple(t.detach() for t in old.alphas)
+    head = [p for k, p in net.named_parameters() if k.startswith("heads.0.")]
+    mine = head if encoder == "shared" else list(net.parameters())
+    logits = net(tr.x[:16], a, head=0) if encoder == "shared" else net(tr.x[:16], a)
+    grads = torch.autograd.grad(F.cross_entropy(logits, tr.y[:16]), mine)
+    for p, g in zip(mine, grads, strict=True):
+        p.grad = g
+    assert float(torch.nn.utils.clip_grad_norm_(mine, 0.01)) > 0.1  # the clip is active
+    opt.step()
+    new = dict(L.net1.named_parameters())
+    for k, p in net.named_parameters():
+        if any(p is q for q in mine):
+            assert torch.allclose(new[k], p, atol=1e-10, rtol=0), k

@@ -409,3 +409,38 @@ def test_authors_b_path_ignores_validation_data_and_has_the_opposite_sign(backen
     own = _b_grad(backend, b_path="own-grad")
     big = own.abs() > 0.05 * own.abs().max()
     assert big.sum() > 3 and bool((torch.sign(g0[big]) == -torch.sign(own[big])).all())
+
+
+# -- the hypergradient module's two shapes, against double backward ------------------------------
+
+
+@pytest.mark.parametrize("backend,tol", [("exact", 1e-10), ("fd", 1e-4)])
+def test_both_shapes_of_each_backend_match_double_backward(backend, tol):
+    """grad_beta <grad_W f(W, beta), v> for beta = (per-example weights, a gate inside the
+    network, like NAS's alpha): `mixed_grad` equals autograd's double backward, and the
+    per-example `directional` form equals its weights part (both applications' one module)."""
+    from lfm.engine.hypergrad import directional, mixed_grad
+
+    torch.manual_seed(0)
+    net = Net()
+    x, y, *_ = data()
+    p = params_of(net)
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    wts, gate = 0.5 + torch.rand(N), torch.randn(C)
+
+    def f(w, beta):
+        logits = functional_call(net, w, (x,)) * beta[1]
+        return (beta[0] * F.cross_entropy(logits, y, reduction="none")).mean()
+
+    wl = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    bl = (wts.clone().requires_grad_(True), gate.clone().requires_grad_(True))
+    g = torch.autograd.grad(f(wl, bl), list(wl.values()), create_graph=True)
+    inner = sum((gi * v[k]).sum() for gi, k in zip(g, wl, strict=True))
+    ref = torch.autograd.grad(inner, bl)
+    got = mixed_grad(f, p, (wts, gate), v, backend, fd_scale=1e-5 if backend == "fd" else 0.01)
+    for a, b in zip(got, ref, strict=True):
+        assert rel(a, b) < tol, (backend, rel(a, b))
+    ones = (torch.ones(N), torch.ones(C))
+    per_example = mixed_grad(f, p, ones, v, backend, fd_scale=1e-5 if backend == "fd" else 0.01)[0]
+    dirn = directional(backend)(net, p, {}, x, y, v) / N
+    assert rel(dirn, per_example) < tol, (backend, rel(dirn, per_example))

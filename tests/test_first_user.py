@@ -378,8 +378,9 @@ def test_genotype_picture_renders_node_names_as_math(tmp_path, monkeypatch):
 def test_search_defaults_to_exact_and_the_paper_presets_keep_fd(capsys):
     from lfm.nas.search import SEARCH_PRESETS, SearchConfig
 
-    assert SearchConfig().hvp == "exact" and SEARCH_PRESETS["tiny"].hvp == "exact"
-    assert SEARCH_PRESETS["darts-paper"].hvp == "fd" and SEARCH_PRESETS["pdarts-paper"].hvp == "fd"
+    assert SearchConfig().backend == "exact" and SEARCH_PRESETS["tiny"].backend == "exact"
+    assert SEARCH_PRESETS["darts-paper"].backend == "fd"
+    assert SEARCH_PRESETS["pdarts-paper"].backend == "fd"
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     assert "exact (default" in " ".join(capsys.readouterr().out.split())

@@ -49,3 +49,22 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     got = [r["step"] for r in _rows(out) if r["kind"] == "step"]
     want = [r["step"] for r in _rows(tmp_path / "straight") if r["kind"] == "step"]
     assert got == want
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    """--tensorboard: the step and evaluation scalars of metrics.jsonl, read back from the
+    event file with TensorBoard's own reader, at the same steps and values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(_cfg(tmp_path, method="ce", epochs=1, tensorboard=True)).run()
+    files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    acc = EventAccumulator(str(files[0]))
+    acc.Reload()
+    steps = [r for r in _rows(tmp_path) if r["kind"] == "step"]
+    loss = acc.Scalars("step/loss")
+    assert [e.step for e in loss] == [r["step"] for r in steps]
+    assert [round(e.value, 4) for e in loss] == [round(r["loss"], 4) for r in steps]
+    test_acc = acc.Scalars("eval/test/model")[-1].value
+    evals = [r for r in _rows(tmp_path) if r["kind"] == "eval"]
+    assert abs(test_acc - evals[-1]["test"]["model"]) < 1e-6

@@ -20,16 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lfm.engine.virtual import StepRule, VirtualSGD
 from lfm.nas.hypergrad import (
     SameMasks,
-    SGDView,
     ce_loss,
     darts_alpha_grad,
     head_keys,
     lfm_nas_grad,
     lfm_nas_grad_shared,
-    sgd_view,
-    virtual_step,
 )
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only
@@ -51,7 +49,19 @@ def _on(masks: SameMasks | None, batch: str):
     return masks.on(batch) if masks is not None else nullcontext()
 
 
-def _setup(seed: int = 0, heads: int = 1, smooth: bool = False, dropout: float = 0.0):
+def _sgd(lr, momentum, wd, buf, nesterov=False, clip=None) -> StepRule:
+    """The learner's step: torch SGD as a pure function, clipped at norm `clip` when given."""
+    opt = VirtualSGD(momentum, wd, nesterov, clip)
+    opt.buffers = buf
+    return StepRule(opt, lr)
+
+
+def _step(rule: StepRule, w, g):
+    """w' with the graph to w and g kept (the clip coefficient is a constant, as in DARTS)."""
+    return rule(w, g).params
+
+
+def _setup(seed: int = 0, heads: int = 1, smooth: bool = False, dropout: float = 0.0, clip=None):
     torch.manual_seed(seed)
     ops = [[p for p in PRIMITIVES if p != "max_pool_3x3"]] * 14 if smooth else None
     # 3 cells: reduction cells at 1 and 2, so both alpha_normal and alpha_reduce are used
@@ -63,7 +73,7 @@ def _setup(seed: int = 0, heads: int = 1, smooth: bool = False, dropout: float =
     an, ar = (0.5 * t.double() for t in net.new_alphas(scale=1.0))
     w = {k: p.detach().clone() for k, p in net.named_parameters()}
     buf = {k: 0.1 * torch.randn_like(p) for k, p in w.items()}
-    sgd = SGDView(lr=0.05, momentum=0.9, weight_decay=3e-4, buf=buf)
+    sgd = _sgd(0.05, 0.9, 3e-4, buf, clip=clip)
     xt, yt = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     xv, yv = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 0, 1, 2])
     return net, w, (an, ar), sgd, (xt, yt), (xv, yv)
@@ -77,32 +87,34 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _darts_reference(net, w, alphas, sgd, train, val, masks=None):
-    """Autograd through w' = w - xi (mu buf + grad + wd w) built with create_graph=True."""
+    """Autograd through w' = step(w, grad) (torch SGD's update) built with create_graph=True."""
     a = tuple(t.clone().requires_grad_(True) for t in alphas)
     w0 = {k: t.clone().requires_grad_(True) for k, t in w.items()}
     with _on(masks, "train"):
         lt = ce_loss(net, w0, a, *train)
     g = torch.autograd.grad(lt, list(w0.values()), create_graph=True)
-    w1 = virtual_step(w0, dict(zip(w0, g, strict=True)), sgd)
+    w1 = _step(sgd, w0, dict(zip(w0, g, strict=True)))
     with _on(masks, "val"):
         lv = ce_loss(net, w1, a, *val)
     return torch.autograd.grad(lv, a)
 
 
 @pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol,dropout",
+    "backend,smooth,fd_scale,tol,dropout,clip",
     [
-        ("exact", False, 0.01, 1e-6, 0.0),
-        ("fd", True, 0.01, 1e-3, 0.0),
-        ("fd", False, 1e-6, 1e-4, 0.0),
+        ("exact", False, 0.01, 1e-6, 0.0, None),
+        ("fd", True, 0.01, 1e-3, 0.0, None),
+        ("fd", False, 1e-6, 1e-4, 0.0, None),
         # skip dropout: every pass over a batch must draw the same masks, or the central
         # difference divides mask noise by eps
-        ("exact", False, 0.01, 1e-6, 0.5),
-        ("fd", False, 1e-6, 1e-4, 0.5),
+        ("exact", False, 0.01, 1e-6, 0.5, None),
+        ("fd", False, 1e-6, 1e-4, 0.5, None),
+        # a clipped step (the gradient norm here is about 1): the real step's clip is in the unroll
+        ("exact", False, 0.01, 1e-6, 0.0, 0.05),
     ],
 )
-def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
-    net, w, alphas, sgd, train, val = _setup(smooth=smooth, dropout=dropout)
+def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout, clip):
+    net, w, alphas, sgd, train, val = _setup(smooth=smooth, dropout=dropout, clip=clip)
     masks = SameMasks(7)
     ref = _darts_reference(net, w, alphas, sgd, train, val, masks)
     got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, backend, fd_scale, masks).alphas
@@ -110,24 +122,10 @@ def test_darts_second_order_matches_unrolled_graph(backend, smooth, fd_scale, to
         assert _rel(g, r) < tol, (_rel(g, r), backend)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_virtual_step_is_torch_sgd_step(nesterov):
-    """sgd_view + virtual_step reproduce torch.optim.SGD's next iterate, momentum included."""
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
-    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
-    for _ in range(3):  # the first step has no momentum buffer yet, the later ones do
-        g = torch.randn_like(p)
-        want = virtual_step({"p": p.detach()}, {"p": g}, sgd_view(opt, {"p": p}))["p"]
-        p.grad = g
-        opt.step()
-        assert torch.allclose(want, p.detach(), atol=1e-12, rtol=0)
-
-
 def test_darts_second_order_with_nesterov_uses_its_step_size():
     """With Nesterov, dw'/dg = -lr (1 + momentum); the unrolled reference sees that by itself."""
     net, w, alphas, sgd, train, val = _setup()
-    sgd = SGDView(sgd.lr, sgd.momentum, sgd.weight_decay, sgd.buf, nesterov=True)
+    sgd = _sgd(sgd.lr, sgd.opt.momentum, sgd.opt.weight_decay, sgd.opt.buffers, nesterov=True)
     ref = _darts_reference(net, w, alphas, sgd, train, val)
     got = darts_alpha_grad(net, w, alphas, train, val, sgd, 2, "exact").alphas
     for g, r in zip(got, ref, strict=True):
@@ -167,7 +165,7 @@ def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, ma
     with _on(masks, "train"):
         l1 = ce_loss(net, w1l, a_, xt, yt)
     g1 = torch.autograd.grad(l1, list(w1l.values()), create_graph=True)
-    w1p = virtual_step(w1l, dict(zip(w1l, g1, strict=True)), sgd1)
+    w1p = _step(sgd1, w1l, dict(zip(w1l, g1, strict=True)))
     with _on(masks, "val"):
         u = ce_loss(net, w1p, a_, xv, yv, reduction="none")
     emb = torch.func.functional_call(enc, e, (torch.cat([xt, xv]),))
@@ -177,7 +175,7 @@ def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, ma
     with _on(masks, "train"):
         l2 = (a * ce_loss(net, w2l, a_, xt, yt, reduction="none")).mean()
     g2 = torch.autograd.grad(l2, list(w2l.values()), create_graph=True)
-    w2p = virtual_step(w2l, dict(zip(w2l, g2, strict=True)), sgd2)
+    w2p = _step(sgd2, w2l, dict(zip(w2l, g2, strict=True)))
     with _on(masks, "val"):
         lv = ce_loss(net, w2p, a_, xv, yv)
     keys = list(e)
@@ -186,18 +184,19 @@ def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, ma
 
 
 @pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol,dropout",
+    "backend,smooth,fd_scale,tol,dropout,clip",
     [
-        ("exact", False, 0.01, 1e-6, 0.0),
-        ("fd", True, 0.01, 1e-3, 0.0),
-        ("exact", False, 0.01, 1e-6, 0.5),
+        ("exact", False, 0.01, 1e-6, 0.0, None),
+        ("fd", True, 0.01, 1e-3, 0.0, None),
+        ("exact", False, 0.01, 1e-6, 0.5, None),
+        ("exact", False, 0.01, 1e-6, 0.0, 0.05),
     ],
 )
-def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
-    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth, dropout=dropout)
+def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout, clip):
+    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth, dropout=dropout, clip=clip)
     masks = SameMasks(7)
     w2 = {k: t + 0.05 * torch.randn_like(t) for k, t in w1.items()}
-    sgd2 = SGDView(0.03, 0.9, 3e-4, {k: 0.1 * torch.randn_like(t) for k, t in w2.items()})
+    sgd2 = _sgd(0.03, 0.9, 3e-4, {k: 0.1 * torch.randn_like(t) for k, t in w2.items()}, clip=clip)
     r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
     enc = _encoder()
     encp = {k: p.detach().clone() for k, p in enc.named_parameters()}
@@ -233,7 +232,7 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
     with _on(masks, "train"):
         f_tr, (o1, _) = fc(net, wc, (xt, a_), {"all_heads": True})
     gh1 = torch.autograd.grad(F.cross_entropy(o1, yt), [wc[k] for k in k1], create_graph=True)
-    h1p = virtual_step({k: wc[k] for k in k1}, dict(zip(k1, gh1, strict=True)), sgd)
+    h1p = _step(sgd, {k: wc[k] for k in k1}, dict(zip(k1, gh1, strict=True)))
     with _on(masks, "val"):
         f_val = fc(net, wc, (xv, a_), {"all_heads": True})[0]
     u = F.cross_entropy(F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv,
@@ -248,7 +247,7 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
     l2 = (a * F.cross_entropy(o2, yt, reduction="none")).mean()
     g = torch.autograd.grad(F.cross_entropy(o1, yt) + l2, [wl[k] for k in ks + k2],
                             create_graph=True)  # fmt: skip
-    w2p = virtual_step({k: wl[k] for k in ks + k2}, dict(zip(ks + k2, g, strict=True)), sgd)
+    w2p = _step(sgd, {k: wl[k] for k in ks + k2}, dict(zip(ks + k2, g, strict=True)))
     with _on(masks, "val"):
         lv = F.cross_entropy(fc(net, w2p | {k: wl[k] for k in k1}, (xv, a_), {"head": 1}), yv)
     gr = torch.autograd.grad(lv, [*a_, rl])
@@ -256,15 +255,16 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
 
 
 @pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol,dropout",
+    "backend,smooth,fd_scale,tol,dropout,clip",
     [
-        ("exact", False, 0.01, 1e-6, 0.0),
-        ("fd", True, 0.01, 1e-3, 0.0),
-        ("exact", False, 0.01, 1e-6, 0.5),
+        ("exact", False, 0.01, 1e-6, 0.0, None),
+        ("fd", True, 0.01, 1e-3, 0.0, None),
+        ("exact", False, 0.01, 1e-6, 0.5, None),
+        ("exact", False, 0.01, 1e-6, 0.0, 0.05),
     ],
 )
-def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout):
-    net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth, dropout=dropout)
+def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout, clip):
+    net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth, dropout=dropout, clip=clip)
     r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
     masks = SameMasks(7)
     ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks)

@@ -177,3 +177,23 @@ def test_cli_resumes_and_no_resume_starts_over(tmp_path, capsys):
     assert main(argv + ["--epochs", "2", "--no-resume"]) == 0
     done = json.loads((tmp_path / "evaluation.json").read_text())
     assert [r["epoch"] for r in done["history"]] == [0, 1]
+
+
+def test_search_logs_every_step_once_across_a_kill(digits, tmp_path, monkeypatch):
+    """`metrics.jsonl` of a search killed after its first epoch's checkpoint and resumed holds
+    each step once, with the losses and hypergradient norms, like an uninterrupted search."""
+    cfg = _tiny("lfm-darts", steps_per_epoch=2)
+    run_search(digits, cfg, out=tmp_path / "straight")
+    _killed_at(monkeypatch, 1, lambda: run_search(digits, cfg, out=tmp_path / "killed"))
+    run_search(digits, cfg, out=tmp_path / "killed")
+
+    def rows(name: str) -> list[dict]:
+        text = (tmp_path / name / "metrics.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+    steps = [r for r in rows("killed") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    assert {"train_loss", "val_loss", "hg_alpha", "hg_r", "lr", "epoch"} <= set(steps[0])
+    assert all(r["hg_alpha"] > 0 for r in steps)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows("straight")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows("killed")] == strip

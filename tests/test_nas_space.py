@@ -170,8 +170,8 @@ def test_cutout_zeroes_one_square():
 
 
 def test_search_config_validation_names_field():
-    with pytest.raises(LFMError, match="search.hvp"):
-        SearchConfig(hvp="magic").validate()
+    with pytest.raises(LFMError, match="search.backend"):
+        SearchConfig(backend="magic").validate()
     with pytest.raises(LFMError, match="search.method"):
         SearchConfig(method="enas").validate()
     with pytest.raises(LFMError, match="stage_ops"):

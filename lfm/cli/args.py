@@ -52,6 +52,7 @@ _TOP = (
     "max_steps",
     "precision",
     "compile",
+    "tensorboard",
 )
 
 
@@ -192,6 +193,13 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
         action="store_true",
         default=None,
         help="torch.compile the model's forward (plain methods; a one-off compile cost)",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also write metrics.jsonl's scalars as TensorBoard events in --out/tensorboard "
+        '(needs pip install "lfm[tensorboard]")',
     )
     g.add_argument("--config", help="YAML file with the same settings (flags given win)")
 

@@ -20,7 +20,7 @@ _FLAGS = {
     "batch_size": "batch_size",
     "steps_per_epoch": "steps_per_epoch",
     "order": "order",
-    "hvp": "hvp",
+    "backend": "backend",
     "encoder": "encoder",
     "seed": "seed",
 }
@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=int, help="cap on batches per epoch")
     p.add_argument("--order", type=int, choices=[1, 2], help="DARTS first or second order")
     p.add_argument(
-        "--hvp",
-        choices=["fd", "exact"],
+        "--backend",
+        choices=["exact", "fd"],
         help="mixed second derivatives: exact (default; no finite-difference error; on a CPU "
         "about fd's time per step at the paper's size, 1.5-2x it at the tiny preset's) or fd "
         "(DARTS's finite differences, eps = 0.01 / ||v||; the darts-paper and pdarts-paper "
@@ -67,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="search-out",
         help="folder for genotype.json, genotype.png, search.json and per-epoch checkpoints "
         "(a run with the same settings continues from them)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write metrics.jsonl's scalars as TensorBoard events in --out/tensorboard",
     )
     add_resume_arg(p)
     add_data_args(p)
@@ -100,6 +105,7 @@ def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
         progress=not args.no_progress,
         out=out,
         resume=not args.no_resume,
+        tensorboard=args.tensorboard,
     )
     out.mkdir(parents=True, exist_ok=True)
     result.genotype.save(out / "genotype.json")

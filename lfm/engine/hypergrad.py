@@ -1,37 +1,64 @@
-"""Hypergradient backends: the directional derivative of the vector of per-example losses.
+"""Hypergradient backends: the mixed second derivatives of a one-step unroll, for every upper
+variable of both applications.
 
-Every hypergradient term of the one-step unroll is a mixed second derivative of the form
+Every hypergradient term of the one-step unroll W' = step(W, grad_W f(W, beta)) has the form
 
-    d/dw_i  [ g . grad_W (mean_k w_k l_k(W)) ]  =  (1/n) * g . grad_W l_i(W)      for each i,
+    grad_beta < grad_W f(W, beta), v >          (v = J^T dL/dW', see `virtual.py`)
 
-i.e. the derivative of the *vector* (l_1(W), ..., l_n(W)) along one direction g. Two
-interchangeable backends compute it with no Python loop over examples:
+where beta is what the level's loss depends on besides W. Two shapes of it occur:
 
-- `exact`: one forward-mode `torch.func.jvp` of the per-example loss vector along g;
-- `fd`: two forward passes at W + eps g and W - eps g, central difference
-  (l(W + eps g) - l(W - eps g)) / (2 eps) with eps = 0.01 / ||g|| (DARTS), always in fp32
-  (autocast off, half-precision parameters and inputs promoted).
+- `directional`: beta = per-example weights w, f = mean_i w_i l_i(W) (LFM-DR's b, a, any
+  per-example or per-class weighting), so the term is (1/n) [v . grad l_i(W)]_i: the derivative
+  of the *vector* of per-example losses along v, with no Python loop over examples;
+- `mixed`: beta = a tuple of tensors that enter the network itself (NAS's alpha), or a mix of
+  both (alpha and the stage-2 weights a, in one pass).
+
+Each shape has the same two interchangeable backends, registered in `BACKENDS` under one option
+name (`backend`) for `lfm dr`, `lfm search` and the API:
+
+- `exact`: forward-mode `torch.func.jvp` (of the loss vector; of grad_beta f for `mixed`,
+  forward over reverse, whose reverse pass reaches beta only);
+- `fd`: central differences at W + eps v and W - eps v with eps = 0.01 / ||v|| (DARTS), the
+  norm in fp32; the per-example form always evaluates in fp32 (autocast off, half-precision
+  parameters and inputs promoted).
 
 Neither builds a double-backward graph, so neither needs create_graph through a compiled module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
 from lfm.engine.functional import Params, losses, norm
+from lfm.errors import LFMError
 from lfm.registry import Registry
 
-Backend = Callable[[nn.Module, Params, Params, Tensor, Tensor, Params], Tensor]
-BACKENDS: Registry[Tensor] = Registry("hypergradient backend")
-FD_SCALE = 0.01  # DARTS: eps = 0.01 / ||g||
+Directional = Callable[[nn.Module, Params, Params, Tensor, Tensor, Params], Tensor]
+Mixed = Callable[..., tuple[Tensor, ...]]
+FD_SCALE = 0.01  # DARTS: eps = 0.01 / ||v||
 
 
-@BACKENDS.register("exact", "forward-mode jvp of the per-example losses (exact)")
+@dataclass(frozen=True)
+class Backend:
+    """One way of computing both shapes of the mixed second derivative."""
+
+    directional: Directional
+    mixed: Mixed
+
+
+BACKENDS: Registry[Backend] = Registry("hypergradient backend")
+
+
+def flat_norm(v: Sequence[Tensor]) -> Tensor:
+    """||v|| over all tensors, computed in fp32 (DARTS's eps = 0.01 / ||v||)."""
+    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in v))
+
+
 def loss_jvp(
     module: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, g: Params
 ) -> Tensor:
@@ -49,7 +76,6 @@ def _fp32(t: Tensor) -> Tensor:
     return t.float() if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-@BACKENDS.register("fd", "central finite difference along g, eps = 0.01/||g||, fp32")
 @torch.no_grad()
 def loss_fd(
     module: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, g: Params
@@ -70,6 +96,89 @@ def loss_fd(
     return (lp - lm) / (2 * eps)
 
 
-def directional(backend: str) -> Backend:
-    """The backend function named `backend` (exact | fd)."""
-    return BACKENDS.get(backend)  # type: ignore[return-value]
+def mixed_jvp(
+    fn: Callable[[Params, tuple[Tensor, ...]], Tensor],
+    w: Params,
+    b: tuple[Tensor, ...],
+    v: Params,
+    fd_scale: float = FD_SCALE,
+) -> tuple[Tensor, ...]:
+    """grad_b <grad_w fn(w, b), v> exactly: the derivative along v of (w -> grad_b fn(w, b))."""
+
+    # forward over reverse: its reverse pass reaches b only (no weight gradients), which beats
+    # the vjp of grad_w fn by a quarter to a third on the supernet (measured on CPU)
+    def grad_b(ww: Params) -> tuple[Tensor, ...]:
+        return torch.func.grad(lambda bb: fn(ww, bb))(b)
+
+    return tuple(jvp(grad_b, (w,), (v,))[1])
+
+
+def mixed_fd(
+    fn: Callable[[Params, tuple[Tensor, ...]], Tensor],
+    w: Params,
+    b: tuple[Tensor, ...],
+    v: Params,
+    fd_scale: float = FD_SCALE,
+) -> tuple[Tensor, ...]:
+    """grad_b <grad_w fn(w, b), v> by (grad_b fn(w + eps v, b) - grad_b fn(w - eps v, b)) / 2eps."""
+    eps = fd_scale / flat_norm(list(v.values())).clamp_min(1e-12).item()
+    grads = []
+    for sign in (1.0, -1.0):
+        wp = {k: w[k] + sign * eps * v[k] for k in w}
+        bb = tuple(t.detach().requires_grad_(True) for t in b)
+        grads.append(torch.autograd.grad(fn(wp, bb), bb, allow_unused=True))
+    out = []
+    for gp, gm, t in zip(grads[0], grads[1], b, strict=True):
+        if gp is None:
+            out.append(torch.zeros_like(t))
+        else:
+            # mutant mixed-fd-difference-sign: `(gp - gm)` -> `(gm - gp)` | engine_hypergrad
+            out.append((gp - gm) / (2 * eps))
+    return tuple(out)
+
+
+BACKENDS.register("exact", "forward-mode jvp (exact)")(Backend(loss_jvp, mixed_jvp))
+BACKENDS.register("fd", "central finite difference along v, eps = 0.01/||v||, fp32")(
+    Backend(loss_fd, mixed_fd)
+)
+
+
+def _backend(name: str) -> Backend:
+    if name not in BACKENDS.names():
+        raise LFMError(
+            f"hypergradient backend {name!r} is unknown",
+            f"use one of {', '.join(BACKENDS.names())}",
+        )
+    return BACKENDS.get(name)
+
+
+def directional(backend: str) -> Directional:
+    """The per-example form of backend `backend` (exact | fd): [v . grad l_i(params)]_i."""
+    return _backend(backend).directional
+
+
+def mixed_grad(
+    fn: Callable[[Params, tuple[Tensor, ...]], Tensor],
+    w: Params,
+    b: tuple[Tensor, ...],
+    v: Params,
+    backend: str = "exact",
+    fd_scale: float = FD_SCALE,
+) -> tuple[Tensor, ...]:
+    """grad_b <grad_w fn(w, b), v>: the mixed second derivative of scalar `fn` along v.
+
+    w, v: dicts of the same keys; b: a tuple of tensors. Returns one tensor per entry of b
+    (zeros where fn does not depend on it). fd_scale: the finite-difference step is
+    eps = fd_scale / ||v|| (DARTS: 0.01), i.e. the weights move by fd_scale in norm; across
+    ReLU / max-pool kinks a step that size can be far from the derivative on small networks.
+
+    Example
+    -------
+    >>> f = lambda w, b: (b[0] * (w["p"] ** 2)).sum()
+    >>> mixed_grad(f, {"p": torch.ones(3)}, (torch.ones(3),), {"p": torch.ones(3)})
+    (tensor([2., 2., 2.]),)
+    """
+    b = tuple(t.detach() for t in b)
+    w = {k: t.detach() for k, t in w.items()}
+    v = {k: t.detach() for k, t in v.items()}
+    return _backend(backend).mixed(fn, w, b, v, fd_scale)

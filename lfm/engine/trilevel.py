@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from lfm.engine.functional import Params, buffers_of, leaves, losses, norm, params_of
 from lfm.engine.hypergrad import directional
-from lfm.engine.virtual import VirtualOptimizer
+from lfm.engine.virtual import StepRule, VirtualOptimizer
 from lfm.errors import LFMError
 from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
@@ -151,13 +151,6 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _pullback(
-    opt: VirtualOptimizer, p: Params, g: Params, lr: float, c: float
-) -> Callable[[Params], Params]:
-    """v -> (d step(p, g) / d g)^T v at this step's point (the clip coefficient held fixed)."""
-    return lambda v: opt.pullback(p, g, lr, c, v)
-
-
 def _summed(grads: tuple[Tensor, ...], loss: Tensor, part: Part) -> tuple[list[Tensor], Tensor]:
     """Gradients and loss of this rank's share, summed over ranks (the global batch mean's)."""
     if not part.split:
@@ -188,10 +181,8 @@ def learn(
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
     g1 = dict(zip(leaf, grads, strict=True))
-    c = w1.opt.clip_coef(g1)
-    p1_new, m1_new = w1.opt.step(p1, g1, lr, c)
-    pull = _pullback(w1.opt, p1, g1, lr, c)
-    return Stage1(p1, p1_new, m1_new, g1, pull, l1.detach(), w, L1.detach())
+    u = StepRule(w1.opt, lr)(p1, g1)
+    return Stage1(p1, u.params, u.state, g1, u.pull, l1.detach(), w, L1.detach())
 
 
 def relearn(
@@ -248,16 +239,15 @@ def relearn(
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
     g2 = dict(zip(leaf, grads, strict=True))
-    c = w2.opt.clip_coef(g2)
-    p2_new, m2_new = w2.opt.step(p2, g2, lr, c)
+    step = StepRule(w2.opt, lr)(p2, g2)
     return Stage2(
         p1_leaf,
         u,
         a,
         p2,
-        p2_new,
-        m2_new,
-        _pullback(w2.opt, p2, g2, lr, c),
+        step.params,
+        step.state,
+        step.pull,
         x2_tr,
         x2_val,
         l2.detach(),

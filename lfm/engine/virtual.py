@@ -30,6 +30,8 @@ optimizer and `state_dict` stay the truth.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +67,9 @@ class VirtualSGD:
         """c = min(1, clip / (||g|| + 1e-6)), as `nn.utils.clip_grad_norm_` computes it."""
         if not self.grad_clip:
             return 1.0
-        return min(1.0, self.grad_clip / (float(norm(grads)) + 1e-6))
+        return min(
+            1.0, self.grad_clip / (float(norm({k: g.detach() for k, g in grads.items()})) + 1e-6)
+        )
 
     def xi(self, lr: float, clip_coef: float = 1.0) -> float:
         """-d p' / d g: the scalar the hypergradient of an unrolled step is multiplied by."""
@@ -151,7 +155,9 @@ class VirtualAdam:
         """c = min(1, clip / (||g|| + 1e-6)), as `nn.utils.clip_grad_norm_` computes it."""
         if not self.grad_clip:
             return 1.0
-        return min(1.0, self.grad_clip / (float(norm(grads)) + 1e-6))
+        return min(
+            1.0, self.grad_clip / (float(norm({k: g.detach() for k, g in grads.items()})) + 1e-6)
+        )
 
     def step(
         self, params: Params, grads: Params, lr: float, clip_coef: float = 1.0
@@ -211,6 +217,91 @@ class VirtualAdam:
 
 
 VirtualOptimizer = VirtualSGD | VirtualAdam
+
+
+@dataclass
+class Unrolled:
+    """One virtual step: p' = step(p, g), the optimizer state after it, and its pull-back."""
+
+    params: Params  # p'
+    state: Any  # momentum buffers (SGD) or step and moments (Adam); `commit` makes it real
+    pull: Callable[[Params], Params]  # v -> (dp'/dg)^T v at this step's point (clip held fixed)
+
+
+def merged(*steps: Unrolled) -> Unrolled:
+    """Steps of disjoint parts of one module as one step, to commit together (no pull-back)."""
+
+    def union(dicts: list[Any]) -> Any:
+        return (
+            None
+            if all(d is None for d in dicts)
+            else {k: v for d in dicts for k, v in (d or {}).items()}
+        )
+
+    params = union([u.params for u in steps])
+    states = [u.state for u in steps]
+    if states and isinstance(states[0], dict) and "exp_avg" in states[0]:  # Adam
+        state: Any = {
+            "t": states[0]["t"],
+            "exp_avg": union([s["exp_avg"] for s in states]),
+            "exp_avg_sq": union([s["exp_avg_sq"] for s in states]),
+        }
+    else:  # SGD: momentum buffers by name, or None without momentum
+        state = union(states)
+
+    def no_pull(v: Params) -> Params:
+        raise LFMError("a merged step has no pull-back", "pull back through each part's step")
+
+    return Unrolled(params, state, no_pull)
+
+
+@dataclass
+class StepRule:
+    """A learner's real update as a pure function: its virtual optimizer and the lr now.
+
+    Both applications unroll through this one object, so the virtual step *is* the real one,
+    clipping included (the clip coefficient is a constant of the hypergradient, as in DARTS).
+
+    Example
+    -------
+    >>> rule = StepRule.of(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net, 5.0)
+    >>> u = rule(params_of(net), grads)        # u.params is what the real step would give
+    >>> rule.commit(net, u)                    # ... and now is the real step
+    """
+
+    opt: VirtualOptimizer
+    lr: float
+
+    @classmethod
+    def of(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module,
+        grad_clip: float | None = None,
+        who: str = "learner",
+    ) -> StepRule:
+        """The rule of `optimizer` over `module` now (settings, state and lr read from it)."""
+        return cls(
+            virtual_from_torch(optimizer, module, who, grad_clip), optimizer.param_groups[0]["lr"]
+        )
+
+    def __call__(self, params: Params, grads: Params, clip_coef: float | None = None) -> Unrolled:
+        """Unroll one step from `params` with gradient `grads` (clip coefficient from `grads`
+        unless given: a step over part of the parameters uses the whole step's)."""
+        c = self.opt.clip_coef(grads) if clip_coef is None else clip_coef
+        p_new, state = self.opt.step(params, grads, self.lr, c)
+        p0 = {k: t.detach() for k, t in params.items()}
+        g0 = {k: grads[k].detach() for k in p0}
+        return Unrolled(p_new, state, lambda v: self.opt.pullback(p0, g0, self.lr, c, v))
+
+    def commit(
+        self, module: nn.Module, u: Unrolled, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Make `u` the real step: write p' into `module`, keep the state, and put it back into
+        the real `optimizer` (so its `state_dict` stays the truth)."""
+        self.opt.commit(module, u.params, u.state)
+        if optimizer is not None:
+            write_back(self.opt, optimizer, module)
 
 
 def virtual_from_config(cfg: OptimConfig, who: str = "learner") -> VirtualOptimizer:

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from lfm.data.types import Batch
 from lfm.engine.functional import Params, buffers_of, leaves, losses, params_of
 from lfm.engine.hypergrad import loss_jvp
-from lfm.engine.virtual import VirtualOptimizer, VirtualSGD
+from lfm.engine.virtual import StepRule, VirtualOptimizer, VirtualSGD
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.options import (
@@ -320,10 +320,9 @@ def mwnet_meta_grad(
         l = losses(model, q, buffers, x, y)
     coef = mwnet_reduce(wnet(l), normalize, part)
     g = _grads((coef.detach() * l).sum(), q, part=part)
-    clip = opt.clip_coef(g)
-    p_virtual, _ = opt.step(params, g, lr, clip)
-    v, meta_loss = clean_loss_grad(model, p_virtual, buffers, xv, yv)
-    d_coef = loss_alignment(model, params, buffers, x, y, opt.pullback(params, g, lr, clip, v))
+    step = StepRule(opt, lr)(params, g)
+    v, meta_loss = clean_loss_grad(model, step.params, buffers, xv, yv)
+    d_coef = loss_alignment(model, params, buffers, x, y, step.pull(v))
     theta = {k: t for k, t in wnet.named_parameters() if t.requires_grad}
     return _grads(coef, theta, d_coef.to(coef.dtype), part), meta_loss
 
@@ -368,9 +367,9 @@ class _OneLearnerMeta(Method):
                 "lower --lr, or check the data for NaN values",
             )
         g = _grads(loss, q, part=part)
-        new_p, new_m = self.real.step(p, g, lr, self.real.clip_coef(g))
+        step = StepRule(self.real, lr)(p, g)
         # mutant meta-real-step-skipped: drop | behaviour:resumed meta_methods
-        self.real.commit(self.model, new_p, new_m)
+        self.real.commit(self.model, step.params, step.state)
         return l.detach(), coef
 
     def models(self) -> dict[str, nn.Module]:

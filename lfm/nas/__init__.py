@@ -20,7 +20,7 @@ from lfm.nas.genotypes import (
     derive_genotype,
     plot_genotype,
 )
-from lfm.nas.hypergrad import SGDView, darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
+from lfm.nas.hypergrad import darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
 from lfm.nas.ops import OPS, PRIMITIVES
 from lfm.nas.search import (
     SEARCH_PRESETS,
@@ -47,7 +47,6 @@ __all__ = [
     "Genotype",
     "NetworkCIFAR",
     "NetworkImageNet",
-    "SGDView",
     "SearchConfig",
     "SearchResult",
     "Supernet",

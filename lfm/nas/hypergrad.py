@@ -9,24 +9,23 @@ References:
   mistakes), validation loss at W2' for alpha, V and r (stage 3, validates).
 
 Everything is a function of parameter dicts (`Params`) and of `alphas`, with the supernet as
-a pure function (`functional_call`; its BatchNorm uses batch statistics only). Each mixed
-second derivative `grad_b <grad_w f(w, b), v>` has two backends:
+a pure function (`functional_call`; its BatchNorm uses batch statistics only). The mixed
+second derivatives `grad_b <grad_w f(w, b), v>` and their backends (`exact`, `fd`) are the
+engine's (`lfm.engine.hypergrad.mixed_grad`), shared with data reweighting; so is the unrolled
+step (`lfm.engine.virtual.StepRule`): the learners' real torch optimizer update as a pure
+function, clipping included, whose pull-back J^T v = (dw'/dg)^T v replaces DARTS's -xi v.
 
-- `exact`: torch.func, jvp along v of (w -> grad_b f(w, b)) (forward over reverse);
-- `fd`: central finite differences (grad_b f(w + eps v, b) - grad_b f(w - eps v, b)) / (2 eps),
-  eps = 0.01 / ||v|| with the norm in fp32, as DARTS: two extra first-order passes.
-
-The DARTS second-order alpha gradient (eq. 7):
+The DARTS second-order alpha gradient (eq. 7), with J the step's Jacobian in g:
     dL_val(w', alpha)/d alpha = grad_alpha L_val(w', alpha)
-                                - xi * grad_alpha <grad_w L_train(w, alpha), v>,
-    v = grad_w' L_val(w', alpha).
-The virtual step's momentum buffer and weight decay do not depend on alpha, so they change w'
-but add no term. Gradient clipping of the real step is left out of the virtual step, as in DARTS.
+                                + grad_alpha <grad_w L_train(w, alpha), J^T v>,
+    v = grad_w' L_val(w', alpha);   for SGD J^T v = -xi c v (c the clip coefficient).
+The step's momentum buffer and weight decay do not depend on alpha, so they change w' but add
+no term. LFM-DARTS's W1' and W2' are the learners' real steps (the search commits them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,58 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lfm.engine.virtual import VirtualSGD
+from lfm.engine.functional import Params
+from lfm.engine.hypergrad import mixed_grad
+from lfm.engine.virtual import StepRule, Unrolled, merged
 from lfm.errors import LFMError
 from lfm.nas.supernet import Alphas
-
-Params = dict[str, Tensor]
-HVP_BACKENDS = ("exact", "fd")
-
-
-@dataclass
-class SGDView:
-    """The parts of the weight optimizer a virtual step must mimic (torch SGD, dampening 0)."""
-
-    lr: float  # DARTS uses the current weight learning rate
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    buf: Params | None = None  # momentum buffers by parameter name; None before the first step
-    nesterov: bool = False
-
-    def virtual(self) -> VirtualSGD:
-        """The engine's pure-function SGD with this optimizer's settings and momentum buffers."""
-        v = VirtualSGD(self.momentum, self.weight_decay, self.nesterov)
-        v.buffers = self.buf
-        return v
-
-    @property
-    def xi(self) -> float:
-        """-dw'/dg of the virtual step (lr; lr * (1 + momentum) with Nesterov)."""
-        return self.virtual().xi(self.lr)
-
-
-def sgd_view(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> SGDView:
-    """Read lr, momentum, weight decay and momentum buffers of `opt` for parameters `named`."""
-    g = opt.param_groups[0]
-    if g.get("dampening", 0.0):
-        raise LFMError("the virtual step mimics SGD without dampening", "use SGD with dampening=0")
-    buf = {}
-    for k, p in named.items():
-        st = opt.state.get(p, {})
-        if st.get("momentum_buffer") is not None:
-            buf[k] = st["momentum_buffer"]
-    return SGDView(
-        g["lr"],
-        g.get("momentum", 0.0),
-        g.get("weight_decay", 0.0),
-        buf or None,
-        bool(g.get("nesterov", False)),
-    )
-
-
-def virtual_step(w: Params, g: Params, sgd: SGDView) -> Params:
-    """w' = torch SGD's next iterate from w with gradient g (lfm.engine.virtual.VirtualSGD)."""
-    return sgd.virtual().step(w, g, sgd.lr)[0]
 
 
 class SameMasks:
@@ -121,11 +73,6 @@ class SameMasks:
             yield
 
 
-def flat_norm(v: Sequence[Tensor]) -> Tensor:
-    """||v|| over all tensors, computed in fp32 (DARTS's eps = 0.01 / ||v||)."""
-    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in v))
-
-
 def _detached_leaves(w: Params) -> Params:
     return {k: v.detach().requires_grad_(True) for k, v in w.items()}
 
@@ -150,50 +97,6 @@ def ce_loss(
     return F.cross_entropy(logits, y, reduction=reduction)
 
 
-def mixed_grad(
-    fn: Callable[[Params, tuple[Tensor, ...]], Tensor],
-    w: Params,
-    b: tuple[Tensor, ...],
-    v: Params,
-    backend: str = "fd",
-    fd_scale: float = 0.01,
-) -> tuple[Tensor, ...]:
-    """grad_b <grad_w fn(w, b), v>: the mixed second derivative of scalar `fn` along v.
-
-    w, v: dicts of the same keys; b: a tuple of tensors. Returns one tensor per entry of b.
-    fd_scale: the finite-difference step is eps = fd_scale / ||v|| (DARTS: 0.01), i.e. the
-    weights move by fd_scale in norm. Across ReLU / max-pool kinks a step that size can be far
-    from the derivative on small networks (see tests/test_nas_hypergrad.py).
-    """
-    b = tuple(t.detach() for t in b)
-    w = {k: t.detach() for k, t in w.items()}
-    v = {k: t.detach() for k, t in v.items()}
-    if backend == "exact":
-        # forward over reverse: the derivative along v of (w -> grad_b fn(w, b)). Its reverse
-        # pass reaches b only (no weight gradients), so it beats the vjp of grad_w fn by a
-        # quarter to a third on the supernet (measured on CPU).
-        def grad_b(ww: Params) -> tuple[Tensor, ...]:
-            return torch.func.grad(lambda bb: fn(ww, bb))(b)
-
-        return tuple(torch.func.jvp(grad_b, (w,), (v,))[1])
-    if backend == "fd":
-        eps = fd_scale / flat_norm(list(v.values())).clamp_min(1e-12).item()
-        grads = []
-        for sign in (1.0, -1.0):
-            wp = {k: w[k] + sign * eps * v[k] for k in w}
-            bb = tuple(t.requires_grad_(True) for t in (t.detach() for t in b))
-            grads.append(torch.autograd.grad(fn(wp, bb), bb, allow_unused=True))
-        out = []
-        for gp, gm, t in zip(grads[0], grads[1], b, strict=True):
-            if gp is None:
-                out.append(torch.zeros_like(t))
-            else:
-                # mutant nas-fd-difference-sign: `(gp - gm)` -> `(gm - gp)` | nas_hypergrad
-                out.append((gp - gm) / (2 * eps))
-        return tuple(out)
-    raise LFMError(f"hypergradient backend {backend!r} is unknown", f"use one of {HVP_BACKENDS}")
-
-
 @dataclass
 class DartsGrad:
     """The alpha gradient of one DARTS architecture step and the validation loss it came from."""
@@ -208,9 +111,9 @@ def darts_alpha_grad(
     alphas: Alphas,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
-    sgd: SGDView | None = None,
+    step: StepRule | None = None,
     order: int = 2,
-    backend: str = "fd",
+    backend: str = "exact",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
 ) -> DartsGrad:
@@ -221,9 +124,11 @@ def darts_alpha_grad(
         with masks.on("val"):
             lv = ce_loss(net, {k: t.detach() for k, t in w.items()}, a, *val)
         return DartsGrad(_grads_or_zeros(lv, a), float(lv.detach()))
-    if sgd is None:
-        raise LFMError("second-order DARTS needs the weight optimizer's state", "pass sgd=SGDView")
-    # virtual step w' = w - xi (mu buf + grad_w L_train(w, alpha) + wd w), no graph kept
+    if step is None:
+        raise LFMError(
+            "second-order DARTS needs the weight optimizer's step", "pass step=StepRule.of(...)"
+        )
+    # virtual step w' = step(w, grad_w L_train(w, alpha)), no graph kept
     w0 = _detached_leaves(w)
 
     def train_loss(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
@@ -231,17 +136,15 @@ def darts_alpha_grad(
             return ce_loss(net, ww, bb, *train)
 
     g = torch.autograd.grad(train_loss(w0, tuple(t.detach() for t in a)), list(w0.values()))
-    w1 = _detached_leaves(
-        virtual_step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)), sgd)
-    )
+    u = step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)))
+    w1 = _detached_leaves(u.params)
     with masks.on("val"):
         lv = ce_loss(net, w1, a, *val)
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
-    mixed = mixed_grad(train_loss, w, a, v, backend, fd_scale)
-    # mutant darts-mixed-term-sign: `d - sgd.xi * m` -> `d + sgd.xi * m`
-    #   | nas_hypergrad:darts_second
-    d = tuple(d - sgd.xi * m for d, m in zip(d_alpha, mixed, strict=True))
+    mixed = mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale)
+    # mutant darts-mixed-term-sign: `d + m` -> `d - m` | nas_hypergrad:darts_second
+    d = tuple(d + m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
 
@@ -256,8 +159,8 @@ class LFMGrad:
     alphas: tuple[Tensor, Tensor]  # d L_val(W2') / d alpha, all terms
     r: Tensor  # (m,) gradient w.r.t. r of the validation batch's examples
     encoder: Params | None  # gradient w.r.t. V's parameters (None in `shared` mode)
-    g1: Params  # grad of stage-1 loss at W1 (the real step reuses it)
-    g2: Params  # grad of stage-2 loss at W2 with a fixed (the real step reuses it)
+    step1: Unrolled | None  # W1' (None in `shared` mode, where step2 holds the whole net)
+    step2: Unrolled  # W2': commit these to make the virtual steps the real ones
     a: Tensor  # (n,) stage-2 weights of the training batch
     u: Tensor  # (m,) W1's mistakes on the validation batch
     loss_train: float  # stage-1 loss L1(W1)
@@ -287,26 +190,27 @@ def lfm_nas_grad(
     r: Tensor,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
-    sgd1: SGDView,
-    sgd2: SGDView,
+    step1: StepRule,
+    step2: StepRule,
     encoder: nn.Module | None = None,
     enc: Params | None = None,
-    backend: str = "fd",
+    backend: str = "exact",
     similarity: str = "dot",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
 ) -> LFMGrad:
     """One LFM-DARTS hypergradient with separate learners W1, W2 (`full` encoder mode).
 
-    Stage 1 (learns):     W1' = vstep(W1, grad_W1 L_train(W1, alpha))
+    Stage 1 (learns):     W1' = step1(W1, grad_W1 L_train(W1, alpha))
     Stage 2 (relearns):   u_j = CE(f(d_j; W1', alpha)), a = sigmoid(sum_j x_ij z_ij u_j r_j),
-                          W2' = vstep(W2, grad_W2 mean_i a_i l_i(W2, alpha))
+                          W2' = step2(W2, grad_W2 mean_i a_i l_i(W2, alpha))
     Stage 3 (validates):  L = L_val(W2', alpha);
       dL/dalpha = d_alpha L (direct)
-                - xi2 * grad_alpha <grad_W2 L2(W2, alpha, a), v2>          (through W2')
+                + grad_alpha <grad_W2 L2(W2, alpha, a), J2^T v2>           (through W2')
                 + (dL/da)(da/du)(du/dalpha) (direct, u's forward pass)
-                - xi1 * grad_alpha <grad_W1 L1(W1, alpha), h>              (through W1'),
-      with v2 = dL/dW2', dL/da_i = -xi2 * grad_a <grad_W2 L2, v2>, h = (dL/da)(da/du) du/dW1'.
+                + grad_alpha <grad_W1 L1(W1, alpha), J1^T h>               (through W1'),
+      with v2 = dL/dW2', dL/da_i = grad_a <grad_W2 L2, J2^T v2>, h = (dL/da)(da/du) du/dW1',
+      J^T the steps' pull-backs (-xi v for SGD).
     `net` is the supernet architecture; w1, w2 are its two weight sets; r is (m,) for the batch.
     """
     xt, yt = train
@@ -327,7 +231,8 @@ def lfm_nas_grad(
     w1l = _detached_leaves(w1)
     l1 = train_loss(w1l, a_d)
     g1 = dict(zip(w1l, torch.autograd.grad(l1, list(w1l.values())), strict=True))
-    w1p = _detached_leaves(virtual_step({k: t.detach() for k, t in w1.items()}, g1, sgd1))
+    s1 = step1({k: t.detach() for k, t in w1.items()}, g1)
+    w1p = _detached_leaves(s1.params)
     # stage 2: u on the validation batch at W1', the weights a, and W2'
     encl = _detached_leaves(enc or {})
     rl = r.detach().requires_grad_(True)
@@ -344,7 +249,8 @@ def lfm_nas_grad(
     w2l = _detached_leaves(w2)
     l2 = (a.detach() * train_loss(w2l, a_d, "none")).mean()
     g2 = dict(zip(w2l, torch.autograd.grad(l2, list(w2l.values())), strict=True))
-    w2p = _detached_leaves(virtual_step({k: t.detach() for k, t in w2.items()}, g2, sgd2))
+    s2 = step2({k: t.detach() for k, t in w2.items()}, g2)
+    w2p = _detached_leaves(s2.params)
     # stage 3: validation loss at W2'
     lv = val_loss(w2p, a_)
     gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
@@ -354,8 +260,8 @@ def lfm_nas_grad(
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
         return (bb[2] * train_loss(ww, (bb[0], bb[1]), "none")).mean()
 
-    m2 = mixed_grad(f2, w2, (*a_d, a.detach()), v2, backend, fd_scale)
-    d_a = -sgd2.xi * m2[2]  # (n,) dL/da
+    m2 = mixed_grad(f2, w2, (*a_d, a.detach()), s2.pull(v2), backend, fd_scale)
+    d_a = m2[2]  # (n,) dL/da
     # back through a -> (u -> (alpha, W1'), x -> V, r)
     enc_keys = list(encl)
     back = _grads_or_zeros(
@@ -368,20 +274,19 @@ def lfm_nas_grad(
     d_enc = dict(zip(enc_keys, back[2 + len(w1p) : -1], strict=True))
     d_r = back[-1]
     # through W1': mixed derivative of L1 w.r.t. alpha along h
-    m1 = mixed_grad(train_loss, w1, a_d, h, backend, fd_scale)
+    m1 = mixed_grad(train_loss, w1, a_d, s1.pull(h), backend, fd_scale)
     d_alpha = tuple(
-        # mutant lfm-darts-w1-term-sign: `- sgd1.xi * m1_` -> `+ sgd1.xi * m1_`
-        #   | nas_hypergrad:lfm_darts_matches
+        # mutant lfm-darts-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
         # mutant lfm-darts-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
-        d0 - sgd2.xi * m2_ + du - sgd1.xi * m1_
+        d0 + m2_ + du + m1_
         for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
     )
     return LFMGrad(
         d_alpha,
         d_r,
         d_enc,
-        g1,
-        g2,
+        s1,
+        s2,
         a.detach(),
         u.detach(),
         float(l1.detach()),
@@ -401,8 +306,8 @@ def lfm_nas_grad_shared(
     r: Tensor,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
-    sgd: SGDView,
-    backend: str = "fd",
+    step: StepRule,
+    backend: str = "exact",
     similarity: str = "dot",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
@@ -411,9 +316,11 @@ def lfm_nas_grad_shared(
 
     W1 = (S, H1), W2 = (S, H2); V(d) = the body's pooled features at (S, alpha), detached
     (V is W1's feature extractor, trained through W1, with no gradient from stage 3).
-    Stage 1 unrolls only W1's head: H1' = vstep(H1, grad_H1 L1) (the body is shared, so its
+    Stage 1 unrolls only W1's head: H1' = step(H1, grad_H1 L1) (the body is shared, so its
     update is part of stage 2); u_j = CE(H1'(S(d_j))). Stage 2 unrolls the shared body and H2
-    on the body's loss L1 + mean_i a_i l_i(S, H2): W2' = vstep((S, H2), grad). The alpha
+    on the body's loss L1 + mean_i a_i l_i(S, H2): W2' = step((S, H2), grad). The two steps are
+    the real update of the network (`step2` of the result holds both), each clipped by its own
+    gradient's norm: one joint clip would make H1' depend on a, which depends on H1'. The alpha
     gradient is the direct term, the W2' term (mixed derivative, fd or exact) and the u term
     (exact autograd: u depends on alpha through S's features on the validation batch, and
     through H1', a head step on the training batch's features). `net` needs heads=2; `w` holds
@@ -439,17 +346,18 @@ def lfm_nas_grad_shared(
         with masks.on(batch):
             return functional_call(net, ww, (x, a), kw or {"all_heads": True})
 
-    def u_and_a(f_tr: Tensor, f_val: Tensor, r_: Tensor) -> tuple[Tensor, Tensor]:
+    def u_and_a(f_tr: Tensor, f_val: Tensor, r_: Tensor) -> tuple[Tensor, Tensor, Unrolled]:
         """Stage 1 on the heads and the weights a; differentiable in f_tr, f_val and r_."""
         h1l = _detached_leaves(h1)
         l1 = F.cross_entropy(F.linear(f_tr, h1l["heads.0.weight"], h1l["heads.0.bias"]), yt)
         need = f_tr.requires_grad  # H1' carries a graph to the features only when asked
         gh1 = torch.autograd.grad(l1, list(h1l.values()), create_graph=need)
-        h1p = virtual_step(h1, dict(zip(k1, gh1, strict=True)), sgd)
+        s_h1 = step(h1, dict(zip(k1, gh1, strict=True)))
+        h1p = s_h1.params
         logits = F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"])
         u = F.cross_entropy(logits, yv, reduction="none")  # (m,)
         a_w = _stage2_weights(f_tr.detach(), f_val.detach(), yt, yv, u, r_, similarity)  # (n,)
-        return a_w, u
+        return a_w, u, s_h1
 
     # pass 1 (values for stage 1 and 2, gradients for the weights): the weights a, and W2's
     # step from the same body pass on the training batch
@@ -459,15 +367,15 @@ def lfm_nas_grad_shared(
     with torch.no_grad():
         f_val = body(wd, xv, a_d, "val")[0]
     with torch.enable_grad():
-        a, u = u_and_a(f_tr.detach(), f_val, rl.detach())
+        a, u, s_h1 = u_and_a(f_tr.detach(), f_val, rl.detach())
     l2 = (a.detach() * F.cross_entropy(o2, yt, reduction="none")).mean()
-    grads = torch.autograd.grad(l1 + l2, [wl[k] for k in k1 + k_w2])
-    g1 = {k: t.detach() for k, t in zip(k1, grads[: len(k1)], strict=True)}
-    g2 = {k: t.detach() for k, t in zip(k_w2, grads[len(k1) :], strict=True)}
+    grads = torch.autograd.grad(l1 + l2, [wl[k] for k in k_w2])  # H1's step came from u_and_a
+    g2 = {k: t.detach() for k, t in zip(k_w2, grads, strict=True)}
     f_tr, l1, a, u = f_tr.detach(), l1.detach(), a.detach(), u.detach()
     del o1, o2, l2, grads, wl  # let pass 1's graph go before the W2' passes
     w_w2 = {k: wd[k] for k in k_w2}
-    w2p = _detached_leaves(virtual_step(w_w2, g2, sgd))
+    s2 = step(w_w2, g2)
+    w2p = _detached_leaves(s2.params)
     lv = F.cross_entropy(body(w2p | h1, xv, a_, "val", head=1), yv)
     gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
     d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
@@ -478,8 +386,8 @@ def lfm_nas_grad_shared(
         _, (p1, p2) = body(ww | h1, xt, (bb[0], bb[1]), "train")
         return F.cross_entropy(p1, yt) + (bb[2] * F.cross_entropy(p2, yt, reduction="none")).mean()
 
-    m2 = mixed_grad(f2, w_w2, (*a_d, a), v2, backend, fd_scale)
-    d_a = -sgd.xi * m2[2]
+    m2 = mixed_grad(f2, w_w2, (*a_d, a), s2.pull(v2), backend, fd_scale)
+    d_a = m2[2]
     # the u term, pass 2a: validation body with a graph to alpha; the training features enter
     # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
     f_trl = f_tr.requires_grad_(True)
@@ -492,7 +400,8 @@ def lfm_nas_grad_shared(
     d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
     d_alpha = tuple(
         # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> `` | nas_hypergrad:shared
-        d0 - sgd.xi * m + dv + dt
+        d0 + m + dv + dt
         for d0, m, dv, dt in zip(d_direct, m2[:2], back[:2], d_tr, strict=True)
     )
-    return LFMGrad(d_alpha, back[2], None, g1, g2, a, u, float(l1), loss_val)
+    both = merged(s_h1, s2)  # one real update of the shared network
+    return LFMGrad(d_alpha, back[2], None, None, both, a, u, float(l1), loss_val)

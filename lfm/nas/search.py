@@ -37,17 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.data.types import DataBundle, Stream, iterate_batches
+from lfm.engine.functional import params_of
+from lfm.engine.hypergrad import BACKENDS
+from lfm.engine.virtual import EntryOptimizer, StepRule
 from lfm.errors import LFMError
 from lfm.models import MODELS, create_model
 from lfm.nas.genotypes import Genotype, derive_genotype, num_edges
-from lfm.nas.hypergrad import (
-    HVP_BACKENDS,
-    LFMGrad,
-    darts_alpha_grad,
-    lfm_nas_grad,
-    lfm_nas_grad_shared,
-    sgd_view,
-)
+from lfm.nas.hypergrad import LFMGrad, darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.registry import Registry
@@ -58,6 +54,7 @@ from lfm.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from lfm.train.metrics import MetricsLog
 from lfm.train.progress import progress_bar
 from lfm.train.runlock import run_folder_lock
 
@@ -79,7 +76,7 @@ class SearchConfig:
     # exact by default: fd's eps = 0.01 / ||v|| crosses ReLU / max-pool kinks on small supernets
     # (off by a relative 0.7-2.3 in an outside check). On a CPU exact costs about fd's time per
     # step at the paper's size and 1.5-2x it at this tiny default (benchmarks/bench_nas_step.py).
-    hvp: str = "exact"
+    backend: str = "exact"
     fd_scale: float = 0.01  # fd step eps = fd_scale / ||v|| (DARTS: 0.01)
     w_lr: float = 0.025  # weight SGD lr, cosine-annealed to w_lr_min per stage (DARTS)
     w_lr_min: float = 0.001  # DARTS's eta_min for the search
@@ -100,7 +97,7 @@ class SearchConfig:
     encoder_model: str = "cnn"  # the `full` encoder's body: a name in lfm.models.MODELS
     encoder_dim: int = 32  # embedding size of the `full` encoder (a linear map of the body's)
     similarity: str = "dot"  # x_ij = softmax_j(sim(V(d_i), V(d_j))): dot | cosine | l2
-    vr_lr: float = 3e-4  # Adam lr of V and r (the paper's stage-3 optimizer, as for alpha)
+    vr_lr: float = 3e-4  # Adam lr of V and r (r: lazy per-entry Adam, as in data reweighting)
     r_init: float = 1.0  # initial r_j: a_i starts at sigmoid(sum_j x z u) > 0.5
     seed: int = 0  # everything random (init, batch order) derives from it
 
@@ -123,8 +120,8 @@ class SearchConfig:
             raise bad("steps_per_epoch", self.steps_per_epoch, "use None or a positive integer")
         if self.order not in (1, 2):
             raise bad("order", self.order, "use 1 (first order) or 2 (second order)")
-        if self.hvp not in HVP_BACKENDS:
-            raise bad("hvp", self.hvp, f"use one of {HVP_BACKENDS}")
+        if self.backend not in BACKENDS:
+            raise bad("backend", self.backend, f"use one of {', '.join(BACKENDS.names())}")
         for name in ("fd_scale", "w_lr", "arch_lr", "vr_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise bad(name, getattr(self, name), "use a positive number")
@@ -177,9 +174,9 @@ class SearchConfig:
 
 SEARCH_PRESETS: dict[str, SearchConfig] = {
     # Liu et al. 2019, CIFAR-10 search (second order). LFM-DARTS uses the same settings.
-    # hvp="fd": the papers' finite differences, kept so the presets run what DARTS ran.
+    # backend="fd": the papers' finite differences, kept so the presets run what DARTS ran.
     "darts-paper": SearchConfig(
-        "darts", layers=8, C=16, epochs=50, batch_size=64, order=2, hvp="fd", warmup_epochs=0
+        "darts", layers=8, C=16, epochs=50, batch_size=64, order=2, backend="fd", warmup_epochs=0
     ),
     # Chen et al. 2019, CIFAR-10 search: batch 96, alpha lr 6e-4, 25 epochs per stage, first order.
     "pdarts-paper": SearchConfig(
@@ -188,7 +185,7 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
         epochs=25,
         batch_size=96,
         order=1,
-        hvp="fd",  # what the papers ran (it matters for LFM-PDARTS's second-order terms)
+        backend="fd",  # what the papers ran (it matters for LFM-PDARTS's second-order terms)
         arch_lr=6e-4,
         stage_layers=(5, 11, 17),
         stage_ops=(8, 5, 3),
@@ -258,9 +255,9 @@ def _sgd(params, cfg: SearchConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_wd)
 
 
-def _set_grads(named: dict[str, nn.Parameter], grads: dict[str, torch.Tensor]) -> None:
-    for k, p in named.items():
-        p.grad = grads[k].detach().clone() if k in grads else None
+def _norm(ts) -> float:
+    """||(t_1, t_2, ...)|| as one vector (a hypergradient's size, for the metrics log)."""
+    return float(torch.sqrt(sum((t.detach().float() ** 2).sum() for t in ts)))
 
 
 def _plan(cfg: SearchConfig, progressive: bool) -> list[_Stage]:
@@ -306,18 +303,21 @@ class _Learners:
         self.opt2 = _sgd(self.net2.parameters(), cfg) if self.net2 is not None else None
         self.encoder: nn.Module | None = None
         self.r: torch.Tensor | None = None
-        self.opt_vr: torch.optim.Adam | None = None
+        self.opt_r: EntryOptimizer | None = None
+        self.opt_v: torch.optim.Adam | None = None
         if lfm:
-            self.r = torch.full((len(bundle.val),), cfg.r_init, device=device, requires_grad=True)
-            vr = [self.r]
+            # r moves only on the validation entries a batch holds (lazy per-entry Adam, the
+            # optimizer of r in data reweighting): a dense Adam would keep moving the others
+            self.r = torch.full((len(bundle.val),), cfg.r_init, device=device)
+            self.opt_r = EntryOptimizer(len(bundle.val), "adam", cfg.vr_lr, device=device)
             if not shared:
                 self.encoder = nas_encoder(shape, cfg.encoder_dim, cfg.encoder_model).to(device)
-                vr += list(self.encoder.parameters())
-            self.opt_vr = torch.optim.Adam(vr, lr=cfg.vr_lr)
+                self.opt_v = torch.optim.Adam(self.encoder.parameters(), lr=cfg.vr_lr)
 
-    def _parts(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
+    def _parts(self) -> dict[str, nn.Module | torch.optim.Optimizer | EntryOptimizer]:
         parts = {"net1": self.net1, "net2": self.net2, "encoder": self.encoder}
-        parts |= {"opt_a": self.opt_a, "opt1": self.opt1, "opt2": self.opt2, "opt_vr": self.opt_vr}
+        parts |= {"opt_a": self.opt_a, "opt1": self.opt1, "opt2": self.opt2}
+        parts |= {"opt_v": self.opt_v, "opt_r": self.opt_r}
         return {k: v for k, v in parts.items() if v is not None}
 
     def state_dict(self) -> dict:
@@ -327,6 +327,15 @@ class _Learners:
         if self.r is not None:
             state["r"] = self.r.detach()
         return state
+
+    def _rule(self, net: nn.Module, opt: torch.optim.Optimizer) -> StepRule:
+        """The learner's real update now (its SGD state and lr), clipping included."""
+        return StepRule.of(opt, net, self.cfg.grad_clip)
+
+    def _commit(self, net: nn.Module, opt: torch.optim.Optimizer, rule: StepRule, u) -> None:
+        """Make the unrolled step the real one, and keep the torch optimizer's state true."""
+        # mutant search-real-step-skipped: drop | behaviour:search_step
+        rule.commit(net, u, opt)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict`'s output."""
@@ -351,15 +360,6 @@ class _Learners:
         for n in (self.net1, self.net2):
             if n is not None:
                 n.set_skip_dropout(p)
-
-    def _real_step(self, net: nn.Module, opt, grads: dict[str, torch.Tensor]) -> None:
-        named = dict(net.named_parameters())
-        _set_grads(named, grads)
-        nn.utils.clip_grad_norm_(
-            [p for p in named.values() if p.grad is not None], self.cfg.grad_clip
-        )
-        # mutant search-real-step-skipped: drop | behaviour:search_step
-        opt.step()
 
     def _weights_only(self, xt, yt) -> dict:
         """A plain weight step on CE (DARTS's weight step; P-DARTS warm-up; LFM warm-up, a = 1)."""
@@ -394,16 +394,15 @@ class _Learners:
         if not arch:
             return self._weights_only(xt, yt)
         if not self.lfm:
-            w = {k: p.detach() for k, p in self.net1.named_parameters()}
             g = darts_alpha_grad(
                 self.net1,
-                w,
+                params_of(self.net1),
                 self.alphas,
                 (xt, yt),
                 (xv, yv),
-                sgd_view(self.opt1, dict(self.net1.named_parameters())),
+                self._rule(self.net1, self.opt1),
                 cfg.order,
-                cfg.hvp,
+                cfg.backend,
                 cfg.fd_scale,
             )
             self.opt_a.zero_grad(set_to_none=True)
@@ -415,43 +414,45 @@ class _Learners:
             self.opt_a.step()
             stats = self._weights_only(xt, yt)
             stats["val_loss"] = g.loss_val
+            stats["hg_alpha"] = _norm(g.alphas)
             return stats
         if self.shared:
-            named = dict(self.net1.named_parameters())
+            rule = self._rule(self.net1, self.opt1)
             g: LFMGrad = lfm_nas_grad_shared(
                 self.net1,
-                {k: p.detach() for k, p in named.items()},
+                params_of(self.net1),
                 self.alphas,
                 self.r[val_idx],
                 (xt, yt),
                 (xv, yv),
-                sgd_view(self.opt1, named),
-                cfg.hvp,
+                rule,
+                cfg.backend,
                 cfg.similarity,
                 cfg.fd_scale,
             )
-            self._real_step(self.net1, self.opt1, g.g1 | g.g2)
+            self._commit(self.net1, self.opt1, rule, g.step2)
         else:
-            n1, n2 = dict(self.net1.named_parameters()), dict(self.net2.named_parameters())
             enc = dict(self.encoder.named_parameters())
+            rule1, rule2 = self._rule(self.net1, self.opt1), self._rule(self.net2, self.opt2)
             g = lfm_nas_grad(
                 self.net1,
-                {k: p.detach() for k, p in n1.items()},
-                {k: p.detach() for k, p in n2.items()},
+                params_of(self.net1),
+                params_of(self.net2),
                 self.alphas,
                 self.r[val_idx],
                 (xt, yt),
                 (xv, yv),
-                sgd_view(self.opt1, n1),
-                sgd_view(self.opt2, n2),
+                rule1,
+                rule2,
                 self.encoder,
                 {k: p.detach() for k, p in enc.items()},
-                cfg.hvp,
+                cfg.backend,
                 cfg.similarity,
                 cfg.fd_scale,
             )
-            self._real_step(self.net1, self.opt1, g.g1)
-            self._real_step(self.net2, self.opt2, g.g2)
+            # W1' and W2' of the hypergradient are the real steps (Algorithm 1)
+            self._commit(self.net1, self.opt1, rule1, g.step1)
+            self._commit(self.net2, self.opt2, rule2, g.step2)
             for k, p in enc.items():
                 # mutant lfm-darts-v-grad-sign: `g.encoder[k].detach()` -> `-g.encoder[k].detach()`
                 #   | behaviour:search_step
@@ -465,13 +466,17 @@ class _Learners:
         # mutant lfm-darts-alpha-step-dropped: drop | behaviour:search_step
         self.opt_a.step()
         # mutant lfm-darts-r-grad-sign: `g.r.detach()` -> `-g.r.detach()` | behaviour:search_step
-        self.r.grad = torch.zeros_like(self.r).index_put_((val_idx,), g.r.detach())
         # mutant lfm-darts-vr-step-dropped: drop | behaviour:search_step
-        self.opt_vr.step()
-        self.opt_vr.zero_grad(set_to_none=True)
+        self.opt_r.step(self.r, val_idx, g.r.detach())
+        if self.opt_v is not None:
+            # mutant lfm-darts-v-step-dropped: drop | behaviour:search_step
+            self.opt_v.step()
+            self.opt_v.zero_grad(set_to_none=True)
         return {
             "train_loss": g.loss_train,
             "val_loss": g.loss_val,
+            "hg_alpha": _norm(g.alphas),
+            "hg_r": _norm([g.r]),
             "a_mean": float(g.a.mean()),
             "u_mean": float(g.u.mean()),
         }
@@ -506,6 +511,7 @@ def _search(
     lfm: bool,
     out: Path | str | None = None,
     resume: bool = True,
+    tensorboard: bool = False,
 ) -> SearchResult:
     cfg.validate()
     image_input(bundle.input_shape)
@@ -523,12 +529,14 @@ def _search(
     reduce_ops = [list(PRIMITIVES)] * e
     history: list[dict] = []
     learners: _Learners | None = None
-    first_stage, first_epoch, elapsed = 0, 0, 0.0
+    first_stage, first_epoch, elapsed, step = 0, 0, 0.0, 0
     if state is not None:
 
         def load() -> None:
             nonlocal normal_ops, reduce_ops, learners, history, first_stage, first_epoch, elapsed
+            nonlocal step
             first_stage, first_epoch = int(state["stage"]), int(state["epoch"])
+            step = int(state.get("step", 0))
             normal_ops, reduce_ops = state["normal_ops"], state["reduce_ops"]
             learners = _Learners(
                 cfg, bundle, stages[first_stage], normal_ops, reduce_ops, lfm, device, gen
@@ -542,6 +550,8 @@ def _search(
             set_rng_state(state["rng"])
 
         restore(ckpt, "`lfm search`", load, progress)
+    log = MetricsLog(Path(out) if out is not None else None, tensorboard)
+    log.open(step)  # keeps the lines of the steps the checkpoint holds
     t0 = time.time() - elapsed
     n_batches = -(-len(bundle.train) // cfg.batch_size)
     if cfg.steps_per_epoch is not None:
@@ -578,6 +588,9 @@ def _search(
                 )
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
+                lr = _cosine_lr(cfg, epoch, stage.epochs)
+                log.write("step", step=step, epoch=epoch + i / n_batches, stage=s, lr=lr, **st)
+                step += 1
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -594,6 +607,7 @@ def _search(
             rec["val_acc"] = learners.val_accuracy(bundle, cfg.batch_size)
             rec["genotype"] = derive_genotype(*learners.alphas, normal_ops, reduce_ops).to_dict()
             history.append(rec)
+            log.write("eval", step=step, epoch=epoch + 1, stage=s, val_acc=rec["val_acc"])
             if progress:
                 print(
                     f"[{cfg.method}] stage {s} epoch {epoch} loss {rec.get('train_loss', 0):.3f} "
@@ -605,6 +619,7 @@ def _search(
                     "identity": json.dumps(identity),
                     "stage": s,
                     "epoch": epoch + 1,  # epochs of this stage done
+                    "step": step,  # iterations of the whole search done
                     "normal_ops": normal_ops,
                     "reduce_ops": reduce_ops,
                     "learners": learners.state_dict(),
@@ -615,6 +630,7 @@ def _search(
                     "rng": rng_state(),
                 }
                 ckpt.save(snapshot, len(history))
+    log.close()
     genotype = derive_genotype(
         *learners.alphas,
         normal_ops,
@@ -630,10 +646,18 @@ SEARCHERS: Registry[SearchResult] = Registry("search method")
 
 def _searcher(progressive: bool, lfm: bool) -> Callable[..., SearchResult]:
     def search(
-        bundle: DataBundle, cfg: SearchConfig, device="cpu", progress=False, out=None, resume=True
+        bundle: DataBundle,
+        cfg: SearchConfig,
+        device="cpu",
+        progress=False,
+        out=None,
+        resume=True,
+        tensorboard=False,
     ) -> SearchResult:
         with run_folder_lock(out):  # before its checkpoints are read or cleared
-            return _search(bundle, cfg, device, progress, progressive, lfm, out, resume)
+            return _search(
+                bundle, cfg, device, progress, progressive, lfm, out, resume, tensorboard
+            )
 
     return search
 
@@ -656,14 +680,18 @@ def run_search(
     *,
     out: Path | str | None = None,
     resume: bool = True,
+    tensorboard: bool = False,
 ) -> SearchResult:
     """Search an architecture on `bundle` (train split for weights, val split for alpha).
 
     With `out`, checkpoint each epoch into `out`/checkpoints/search and continue from the
-    newest one there unless `resume` is False.
+    newest one there unless `resume` is False, and log every step to `out`/metrics.jsonl
+    (and TensorBoard events in `out`/tensorboard with `tensorboard`).
     """
     cfg.validate()
-    return SEARCHERS.get(cfg.method)(bundle, cfg, device, progress, out=out, resume=resume)
+    return SEARCHERS.get(cfg.method)(
+        bundle, cfg, device, progress, out=out, resume=resume, tensorboard=tensorboard
+    )
 
 
 def config_from_preset(name: str, **overrides) -> SearchConfig:
@@ -672,6 +700,8 @@ def config_from_preset(name: str, **overrides) -> SearchConfig:
         raise LFMError(f"unknown search preset {name!r}", f"use one of {', '.join(SEARCH_PRESETS)}")
     known = set(asdict(SEARCH_PRESETS[name]))
     unknown = set(overrides) - known
+    if "hvp" in unknown:
+        raise LFMError("search option `hvp` was renamed", "use backend=exact or backend=fd")
     if unknown:
         raise LFMError(
             f"unknown search option(s) {', '.join(sorted(unknown))}",

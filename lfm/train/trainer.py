@@ -281,7 +281,7 @@ class Trainer:
         self.ckpt = (
             CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
         )
-        self.metrics = MetricsLog(self.out if distributed.is_main() else None)
+        self.metrics = MetricsLog(self.out if distributed.is_main() else None, cfg.tensorboard)
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
         )
