@@ -96,15 +96,18 @@ def smoothed(logits, y):
     return F.cross_entropy(logits, y, reduction="none", label_smoothing=0.2)
 
 
-def reference(w1, w2, s1, s2, d, vnet, opts, lr1, lr2, shared=False, bank=None):
-    """Autograd through the explicitly unrolled graph: returns dL/db, dL/dr, dL/dV."""
+def reference(w1, w2, s1, s2, d, vnet, opts, lr1, lr2, shared=False, bank=None, weigh=None):
+    """Autograd through the explicitly unrolled graph: returns dL/db, dL/dr, dL/dV.
+
+    weigh: b -> stage 1's per-example weights (default b_weights(b, opts.b_mode))."""
     x_tr, y_tr, x_val, y_val, b, r = d
     bl, rl = b.clone().requires_grad_(), r.clone().requires_grad_()
     vp = {k: v.detach().clone().requires_grad_() for k, v in vnet.named_parameters()}
     vb = {k: v.clone() for k, v in vnet.named_buffers()}
     P1 = {k: v.detach().clone().requires_grad_() for k, v in w1.named_parameters()}
     l1 = ce(w1, P1, dict(w1.named_buffers()), x_tr, y_tr)
-    L1 = (b_weights(bl, opts.b_mode) * l1).mean()
+    w = b_weights(bl, opts.b_mode) if weigh is None else weigh(bl)
+    L1 = (w * l1).mean()
     g1 = dict(zip(P1, torch.autograd.grad(L1, list(P1.values()), create_graph=True), strict=True))
     c1 = s1.clip_coef({k: v.detach() for k, v in g1.items()})
     P1n, _ = s1.step(P1, g1, lr1, c1)

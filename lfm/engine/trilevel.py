@@ -65,8 +65,52 @@ from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
 from lfm.train.distributed import Part
 
-B_PATHS = ("w2", "w2+w1val", "w1val", "own-grad", "authors", "frozen")
-_THROUGH_U = ("w2", "w2+w1val", "w1val")  # b paths that need u's graph back to W1'
+
+@dataclass(frozen=True)
+class BPath:
+    """Where h, the direction whose product with grad l_i(W1) is dL/dw_i, comes from.
+
+    u_graph: h is dL/dW1' back through u (needs u's graph to W1');
+    w1_val: how W1's own validation loss lam * L_val(W1') = lam * mean(u) enters h:
+        "none", "added" (to W2's validation objective) or "alone" (V and r still answer to
+        L_val(W2'), h to lam * L_val(W1') only);
+    own_grad: h is W1's own clipped training gradient instead (b never sees validation data);
+    chain_rule: dL/dw through the step's pull-back J1^T (False: the raw product, by central
+        differences at the old W1, as the authors' code computes it);
+    moves: False freezes b.
+    """
+
+    u_graph: bool = True
+    w1_val: str = "none"
+    own_grad: bool = False
+    chain_rule: bool = True
+    moves: bool = True
+
+
+B_PATHS: dict[str, BPath] = {
+    "w2": BPath(),
+    "w2+w1val": BPath(w1_val="added"),
+    "w1val": BPath(w1_val="alone"),
+    "own-grad": BPath(u_graph=False, own_grad=True),
+    "authors": BPath(u_graph=False, own_grad=True, chain_rule=False),
+    "frozen": BPath(u_graph=False, moves=False),
+}
+
+
+@dataclass
+class Upper:
+    """The upper variable stage 1 is weighted by: w = weigh(value), the (n,) per-example
+    weights of the global batch, differentiable in `value`. LFM-DR's is b's batch entries with
+    w = b_weights(b, b_mode); any other (one weight per class, a small network of per-example
+    signals) is another `weigh`, and gets its hypergradient dL/dvalue from the same dL/dw."""
+
+    value: Tensor
+    weigh: Callable[[Tensor], Tensor]
+
+
+def per_example_upper(b: Tensor, b_mode: str = "raw") -> Upper:
+    """LFM-DR's upper variable: one weight b_i per example, w = b_weights(b, b_mode)."""
+    return Upper(b, lambda v: b_weights(v, b_mode))
 
 
 @dataclass
@@ -97,7 +141,7 @@ class IterOptions:
     use_u: bool = True
     use_z: bool = True
     a_norm: bool = False  # a_i / mean(a)
-    b_path: str = "w2"  # w2 | w2+w1val | w1val | own-grad | authors | frozen
+    b_path: str = "w2"  # a name in B_PATHS
     w1_val_weight: float = 1.0  # lam of the w2+w1val path
     own_grad_clip: float = 5.0  # norm clip of W1's own gradient (own-grad, authors paths)
 
@@ -140,7 +184,7 @@ class IterResult:
     s1: Stage1 | None
     s2: Stage2
     L_val: Tensor
-    grad_b: Tensor | None  # (n,) dL/db for the batch entries
+    grad_b: Tensor | None  # dL/d(upper.value): (n,) for b's batch entries
     grad_r: Tensor  # (m,) dL/dr for the validation entries (batch, then bank)
     grad_v: list[Tensor | None]  # dL/dV for each encoder parameter
     logs: dict[str, Tensor] = field(default_factory=dict)
@@ -159,24 +203,30 @@ def _summed(grads: tuple[Tensor, ...], loss: Tensor, part: Part) -> tuple[list[T
     return out, total
 
 
+def _upper(b: Tensor | Upper, opts: IterOptions) -> Upper:
+    return b if isinstance(b, Upper) else per_example_upper(b, opts.b_mode)
+
+
 def learn(
     w1: Learner,
     x: Tensor,
     y: Tensor,
-    b: Tensor,
+    b: Tensor | Upper,
     opts: IterOptions,
     lr: float,
     part: Part | None = None,
 ) -> Stage1:
-    """Stage 1: W1 learns on mean_i w(b_i) l_i(W1); W1' = the real SGD step.
+    """Stage 1: W1 learns on mean_i w_i l_i(W1), w = upper.weigh(value); W1' = the real step.
 
-    b: the global batch's entries (part.total); x, y: this rank's part (module docstring).
+    b: the upper variable (a tensor: b's entries of the global batch, w = b_weights(b,
+    opts.b_mode)); x, y: this rank's part (module docstring).
     """
     part = part or Part.whole(len(y))
+    upper = _upper(b, opts)
     p1 = w1.params()
     leaf = leaves(p1)
     l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
-    w = part.local(b_weights(b.detach(), opts.b_mode))  # (n,), normalised over the global batch
+    w = part.local(upper.weigh(upper.value.detach()))  # (n,), normalised over the global batch
     # mutant w1-ignores-b: `w * l1` -> `l1` | engine_hypergrad behaviour:mislabelled
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
@@ -263,7 +313,7 @@ def validate(
     x_tr: Tensor,
     y_tr: Tensor,
     y_val: Tensor,
-    b: Tensor | None,
+    b: Tensor | Upper | None,
     r: Tensor,
     v_params: list[Tensor],
     opts: IterOptions,
@@ -284,17 +334,18 @@ def validate(
     # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
     dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n  # (n,)
 
-    through_u = s1 is not None and b is not None and opts.b_path in _THROUGH_U
+    path = B_PATHS[opts.b_path]
+    through_u = s1 is not None and b is not None and path.u_graph
     objective = (_wide(s2.a) * _wide(dL_da)).sum()
     # + lam * L_val(W1'): the same on every rank, so counted on one only
-    own_val = through_u and opts.b_path in ("w2+w1val", "w1val")
+    own_val = through_u and path.w1_val != "none"
     own_val_here = own_val and (not part.split or distributed.is_main())
-    if own_val_here and opts.b_path == "w2+w1val":
+    if own_val_here and path.w1_val == "added":
         # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(s2.u).mean()` -> ``
         #   | engine_hypergrad behaviour:b_r_and_v
         objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
-    if opts.b_path == "w1val" and through_u:
+    if path.w1_val == "alone" and through_u:
         # V and r answer to L_val(W2') as in the paper; h comes from L_val(W1') alone
         grads = list(
             torch.autograd.grad(objective, [*v_params, r], allow_unused=True, retain_graph=True)
@@ -335,8 +386,8 @@ def validate(
         )
 
     grad_b = None
-    if s1 is not None and b is not None and opts.b_path != "frozen":
-        if opts.b_path in ("own-grad", "authors"):  # W1's own clipped training gradient
+    if s1 is not None and b is not None and path.moves:
+        if path.own_grad:  # W1's own clipped training gradient
             gn = float(norm(s1.g1))
             c = min(1.0, opts.own_grad_clip / (gn + 1e-6))
             h = {k: v * c for k, v in s1.g1.items()}
@@ -346,7 +397,7 @@ def validate(
                 for k, g in zip(s2.p1_leaf, grads[len(v_params) + 1 :], strict=True)
             }
         logs["hg_h"] = norm(h)
-        if opts.b_path == "authors":
+        if not path.chain_rule:
             # their _hessian_vector_product1: (l_i(W1 + eps h) - l_i(W1 - eps h)) / (2 eps n),
             # eps = 0.01 / ||h||, at the old W1, added to b's zeroed gradient: no J1^T, no sign
             # mutant authors-sign: `) / n` -> `) / -n` | lfm_dr_authors
@@ -356,8 +407,9 @@ def validate(
             # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
             dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
-        bl = b.detach().requires_grad_(True)
-        (grad_b,) = torch.autograd.grad(b_weights(bl, opts.b_mode), bl, dL_dw.to(bl.dtype))
+        upper = _upper(b, opts)
+        bl = upper.value.detach().requires_grad_(True)
+        (grad_b,) = torch.autograd.grad(upper.weigh(bl), bl, dL_dw.to(bl.dtype))
         logs["hg_b"] = grad_b.norm()
     if s1 is not None:
         logs["L1"] = s1.L1
@@ -372,7 +424,7 @@ def iteration(
     y_tr: Tensor,
     x_val: Tensor,
     y_val: Tensor,
-    b: Tensor,
+    b: Tensor | Upper,
     r: Tensor,
     embed: Callable[[Params], tuple[Tensor, Tensor]],
     v_params: list[Tensor],
@@ -405,7 +457,7 @@ def iteration(
         lr2,
         w2_inputs=w2_inputs,
         bank=bank,
-        u_grad=opts.b_path in _THROUGH_U,
+        u_grad=B_PATHS[opts.b_path].u_graph,
         part=part,
     )
     return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts, part)

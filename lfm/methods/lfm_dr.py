@@ -111,10 +111,12 @@ from lfm.engine.hypergrad import BACKENDS
 from lfm.engine.trilevel import (
     IterOptions,
     Learner,
+    Upper,
     check_finite,
     commit,
     iteration,
     learn,
+    per_example_upper,
     relearn,
     validate,
 )
@@ -679,7 +681,7 @@ class LFMDR(_LFMBase):
             y_tr,
             x_val,
             y_val,
-            self.b[slots],
+            self._upper(slots, whole),
             r,
             embed,
             v_params,
@@ -692,23 +694,31 @@ class LFMDR(_LFMBase):
         )
         check_finite(res, ctx.step)
         commit(self.w1, self.w2, res)
-        b_fell = b_pushed_down = None
+        logs = dict(res.logs)
         if res.grad_b is not None:  # the global batch's gradient, the same on every rank
-            before = self.b[slots].clone()
-            # mutant b-step-sign: `res.grad_b.detach()` -> `-res.grad_b.detach()`
-            #   | behaviour:b_r_and_v
-            # mutant b-step-dropped: drop | behaviour:b_r_and_v
-            self._b_step(slots, res.grad_b.detach(), ctx)
-            b_fell = (self.b[slots] < before).float().mean()  # fraction of the batch's b that fell
-            b_pushed_down = (res.grad_b > 0).float().mean()  # ... that its gradient alone lowers
+            logs |= self._step_upper(slots, whole, res.grad_b.detach(), ctx)
         self._stage3_updates(res, idx, r_idx, v_params)
         self.a_last[whole] = part.gather(res.s2.a.detach().to(self.a_last.dtype))
         self._push_bank(last["e_val"], y_val, res.s2.u, vidx)
-        logs = dict(res.logs)
-        logs["b_mean"] = self.b[slots].mean()
-        if b_fell is not None:
-            logs["b_fell"], logs["b_pushed_down"] = b_fell, b_pushed_down
+        logs["b_mean"] = self._upper(slots, whole).value.mean()
         return self._floats(logs, part)
+
+    def _upper(self, slots: Tensor, whole: Tensor) -> Upper:
+        """The upper variable of stage 1 for this batch: b's entries `slots`."""
+        return per_example_upper(self.b[slots], self.cfg.b_mode)
+
+    def _step_upper(
+        self, slots: Tensor, whole: Tensor, grad: Tensor, ctx: Context
+    ) -> dict[str, Tensor]:
+        """Step b's batch entries on their hypergradient; logs how many of them fell."""
+        before = self.b[slots].clone()
+        # mutant b-step-sign: `slots, grad, ctx)` -> `slots, -grad, ctx)` | behaviour:b_r_and_v
+        # mutant b-step-dropped: drop | behaviour:b_r_and_v
+        self._b_step(slots, grad, ctx)
+        return {
+            "b_fell": (self.b[slots] < before).float().mean(),  # the batch's b that fell
+            "b_pushed_down": (grad > 0).float().mean(),  # ... that its gradient alone lowers
+        }
 
     def models(self) -> dict[str, nn.Module]:
         """{"W1": .., "W2": ..}; in shared mode W2 is the shared body with W2's head."""
