@@ -76,6 +76,16 @@ def _model_factory(name: str, shape, device):
         return lambda: Fallback().to(device), "fallback-cnn"
 
 
+def _under(amp, step):
+    """`step` run inside the autocast context `amp` (what `--precision bf16` does in a run)."""
+
+    def run(b, ctx):
+        with amp:
+            return step(b, ctx)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table, return its rows."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -90,6 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--rows", default=None, help="comma-separated row numbers to run (0 = CE)")
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast each step"
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -141,6 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             method = LFMDR(LFMConfig(**over))
             method.setup(ctx)
             step = method.step
+        amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        step = _under(amp, step)
         batches = list(iterate_batches(bundle.train, batch, device=device, shuffle=False))
         step(batches[0], ctx)  # warm-up (also fills the head encoder's cache for batch 0)
         rss = PeakRSS()
@@ -168,7 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mem_note = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
     print(
         f"model {model_name}, input {shape}, batch {batch}, device {device}, "
-        f"{iters} timed iterations, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"{iters} timed iterations, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.precision}"
     )
     ce_cpu = next((r["cpu_sec"] for r in results if r["row"] == "plain CE step"), None)
     print(f"| row | s / iter | x CE step | CPU s / iter | x CE (CPU time) | {mem_note} (MiB) |")

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
     ap.add_argument("--small", action="store_true", help="quick mode: 5 cells, C=8, batch 16")
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast each step"
+    )
     args = ap.parse_args(argv)
     if args.small:
         args.layers, args.C, args.batch = 5, 8, 16
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lfm = cfg.method.startswith("lfm")
         return _Learners(cfg, bundle, stage, None, None, lfm, dev, torch.Generator().manual_seed(0))
 
+    amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
+
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, ln in lns.items():
             sync()
             t0 = time.perf_counter()
-            ln.step(*xs[s % 4], arch=True)
+            with amp:
+                ln.step(*xs[s % 4], arch=True)
             sync()
             if s > 0:  # the first step pays for allocation and lazy init
                 times[name].append(time.perf_counter() - t0)
@@ -127,11 +133,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mems = {}
     for name, kw in METHODS.items():
         ln = learners(kw)
-        ln.step(*xs[0], arch=True)
+        with amp:
+            ln.step(*xs[0], arch=True)
         sync()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            ln.step(*xs[1], arch=True)
+            with amp:
+                ln.step(*xs[1], arch=True)
             sync()
             mems[name] = torch.cuda.max_memory_allocated()
         elif args.backend == "exact":  # torch.func refuses saved-tensor hooks: resident set
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
     print(
         f"\ndevice {dev}, {args.layers} cells, C={args.C}, batch {args.batch}, "
-        f"{args.size}x{args.size}, backend={args.backend}, threads {torch.get_num_threads()}"
+        f"{args.size}x{args.size}, backend={args.backend}, threads {torch.get_num_threads()}, {args.precision}"
     )
     mem_kind = (
         "peak CUDA MiB"
