@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_m = dict((r[0], r[2]) for r in rows)["darts-2nd"]
     print(
         f"\ndevice {dev}, {args.layers} cells, C={args.C}, batch {args.batch}, "
-        f"{args.size}x{args.size}, backend={args.backend}, threads {torch.get_num_threads()}, {args.precision}"
+        f"{args.size}x{args.size}, backend={args.backend}, threads {torch.get_num_threads()}, "
+        f"{args.precision}"
     )
     mem_kind = (
         "peak CUDA MiB"

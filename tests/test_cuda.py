@@ -32,7 +32,8 @@ def test_dr_hypergradients_on_cuda_equal_the_cpu_ones():
         res = iteration(
             Learner(w1, make_sgd("sgd", w1, 0)), Learner(w2, make_sgd("sgd", w2, 2)),
             x_tr, y_tr, x_val, y_val, b, r.clone().requires_grad_(),
-            lambda p: enc.embed(x_tr, x_val), list(v.parameters()), IterOptions(), 0.3, 0.4,
+            lambda p, e=enc, a=x_tr, c=x_val: e.embed(a, c), list(v.parameters()), IterOptions(),
+            0.3, 0.4,
         )  # fmt: skip
         out[dev] = (res.grad_b.cpu(), res.grad_r.cpu())
     for a, c in zip(out["cpu"], out["cuda"], strict=True):
