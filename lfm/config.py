@@ -49,6 +49,7 @@ class RunConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each epoch end only
     keep_checkpoints: int = 2  # the newest K are kept, so one can be corrupt and the other not
     max_steps: int | None = None  # stop early (smoke tests); None = run all epochs
+    steps_per_epoch: int | None = None  # cap on batches per epoch (None: one pass over train)
     progress: bool = True  # a progress bar on stderr
     precision: str = "fp32"  # fp32 | bf16 (autocast around every method's forward passes)
     compile: bool = False  # torch.compile the model's forward (plain methods only)
@@ -86,6 +87,18 @@ class RunConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise LFMError("max_steps must be >= 1", "omit it to run all epochs")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise LFMError("steps_per_epoch must be >= 1", "omit it for one pass per epoch")
+
+
+def parse_value(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'a,b' -> ['a', 'b'], else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -116,11 +116,11 @@ def test_evaluate_resumed_equals_uninterrupted(digits, tmp_path, monkeypatch):
     resumed = run_evaluate(digits, g, cfg, out=tmp_path / "killed")
     assert _without_seconds(resumed["history"]) == _without_seconds(whole["history"])
     assert resumed["test_acc"] == whole["test_acc"]
-    final = [safe_load(CheckpointDir(p / "checkpoints" / "evaluate").paths()[-1]) for p in (
+    final = [safe_load(CheckpointDir(p / "evaluate" / "checkpoints").paths()[-1]) for p in (
         tmp_path / "whole", tmp_path / "killed"
     )]  # fmt: skip
     assert final[0]["epoch"] == final[1]["epoch"] == cfg.epochs
-    w0, w1 = final[0]["model"], final[1]["model"]
+    w0, w1 = final[0]["method"]["model"], final[1]["method"]["model"]
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
@@ -184,7 +184,8 @@ def test_search_logs_every_step_once_across_a_kill(digits, tmp_path, monkeypatch
     each step once, with the losses and hypergradient norms, like an uninterrupted search."""
     cfg = _tiny("lfm-darts", steps_per_epoch=2)
     run_search(digits, cfg, out=tmp_path / "straight")
-    _killed_at(monkeypatch, 1, lambda: run_search(digits, cfg, out=tmp_path / "killed"))
+    # the Trainer numbers checkpoints by step: the first epoch's (2 steps) is number 2
+    _killed_at(monkeypatch, 2, lambda: run_search(digits, cfg, out=tmp_path / "killed"))
     run_search(digits, cfg, out=tmp_path / "killed")
 
     def rows(name: str) -> list[dict]:
@@ -197,3 +198,18 @@ def test_search_logs_every_step_once_across_a_kill(digits, tmp_path, monkeypatch
     assert all(r["hg_alpha"] > 0 for r in steps)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows("straight")]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows("killed")] == strip
+
+
+def test_search_takes_the_trainers_run_settings(digits, tmp_path):
+    """On the Trainer a search gains --max-steps, --checkpoint-every and bf16: it stops at the
+    step asked, checkpoints on the step grid, and a bf16 search keeps finite alphas."""
+    cfg = _tiny("lfm-darts", steps_per_epoch=3, batch_size=16)
+    run_search(digits, cfg, out=tmp_path, max_steps=4, checkpoint_every=2)
+    folder = tmp_path / "checkpoints" / "search"
+    steps = sorted(int(p.stem.split("-")[1]) for p in folder.glob("ckpt-*.pt"))
+    assert steps == [3, 4]  # 2, 3 (the epoch's end), then 4 (the stop): the newest 2 are kept
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [0, 1, 2, 3]
+    res = run_search(digits, _tiny("darts", order=2), precision="bf16")
+    assert all(torch.isfinite(a).all() for a in res.alphas)
+    assert json.loads((tmp_path / "results.json").read_text())["lfm-darts"]["genotype"]

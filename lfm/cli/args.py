@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from lfm.config import RunConfig, from_dict, load_yaml, optim_preset
+from lfm.config import RunConfig, from_dict, load_yaml, optim_preset, parse_value
 from lfm.errors import LFMError, shown
 
 # flag dest -> (section, field) in RunConfig
@@ -54,16 +54,6 @@ _TOP = (
     "compile",
     "tensorboard",
 )
-
-
-def parse_value(text: str) -> Any:
-    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'a,b' -> ['a', 'b'], else the string."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def parse_options(pairs: list[str] | None, flag: str) -> dict[str, Any]:

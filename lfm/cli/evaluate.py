@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
+from lfm.cli.nas_args import (
+    add_data_args,
+    add_resume_arg,
+    add_run_flags,
+    config_with_overrides,
+    data_config,
+    run_flags,
+)
 from lfm.device import resolve_device, seed_everything
 from lfm.train.atomic import write_json
 from lfm.train.runlock import run_folder_lock
@@ -54,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder for evaluation.json and per-epoch checkpoints (a run with the same settings "
         "continues from them; without --out nothing is saved)",
     )
+    add_run_flags(p)
     add_resume_arg(p)
     add_data_args(p)
     p.set_defaults(func=run)
@@ -90,6 +98,7 @@ def _evaluate_and_save(args: argparse.Namespace, cfg: Any) -> None:
         progress=not args.no_progress,
         out=args.out,
         resume=not args.no_resume,
+        **run_flags(args),
     )
     print(
         f"genotype {args.genotype}: {cfg.layers} cells, C={cfg.C}, "

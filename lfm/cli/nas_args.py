@@ -35,6 +35,35 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The Trainer's run flags that a search and an evaluation take as `lfm dr` does."""
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: epoch ends)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast the forward passes (exact mixed derivatives stay fp32)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write metrics.jsonl's scalars as TensorBoard events in --out/tensorboard",
+    )
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`add_run_flags`'s values as RunConfig fields."""
+    return {
+        "max_steps": args.max_steps,
+        "checkpoint_every": args.checkpoint_every,
+        "precision": args.precision,
+        "tensorboard": args.tensorboard,
+    }
+
+
 def add_resume_arg(p: argparse.ArgumentParser) -> None:
     """--no-resume: start over even when --out holds a checkpoint of the same command."""
     p.add_argument(

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lfm.cli.nas_args import add_data_args, add_resume_arg, config_with_overrides, data_config
+from lfm.cli.nas_args import (
+    add_data_args,
+    add_resume_arg,
+    add_run_flags,
+    config_with_overrides,
+    data_config,
+    run_flags,
+)
 from lfm.device import resolve_device, seed_everything
 from lfm.train.atomic import write_json
 from lfm.train.runlock import run_folder_lock
@@ -68,11 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder for genotype.json, genotype.png, search.json and per-epoch checkpoints "
         "(a run with the same settings continues from them)",
     )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write metrics.jsonl's scalars as TensorBoard events in --out/tensorboard",
-    )
+    add_run_flags(p)
     add_resume_arg(p)
     add_data_args(p)
     p.set_defaults(func=run)
@@ -105,7 +108,7 @@ def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
         progress=not args.no_progress,
         out=out,
         resume=not args.no_resume,
-        tensorboard=args.tensorboard,
+        **run_flags(args),
     )
     out.mkdir(parents=True, exist_ok=True)
     result.genotype.save(out / "genotype.json")

@@ -103,6 +103,11 @@ class Method:
         "train"  # which data the trainer feeds: train, val (clean set alone) or train+val
     )
     compiles: bool = False  # honours ctx.compile (meta-methods call the model via torch.func)
+    command: str = "an lfm run"  # what its checkpoints are called in error messages
+    checkpoint_folder: str = "checkpoints"  # under --out (searches keep theirs apart)
+    # An epoch is one pass over the TRAINING set (so ce-clean gets as many steps as ce);
+    # True: one pass over the method's own split (an evaluation network on train + val).
+    epoch_is_a_pass: bool = False
 
     @property
     def label(self) -> str:
@@ -135,6 +140,15 @@ class Method:
 
     def on_epoch_end(self, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Called after each epoch (e.g. to snapshot weights)."""
+
+    def identity(self) -> dict[str, dict[str, Any]]:
+        """Settings a checkpoint must have been made with to be continued, by section (a
+        difference is refused naming the field); {} checks only the run's own settings."""
+        return {}
+
+    def results(self) -> dict[str, Any]:
+        """What the method adds to results.json under its own key (e.g. a searched genotype)."""
+        return {}
 
 
 METHODS: Registry[Method] = Registry("method")

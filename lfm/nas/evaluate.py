@@ -7,35 +7,30 @@ References:
 - LFM paper, Section IV-A: the evaluation network is trained on train + validation (the
   search's two halves) and tested on the test set; we report the last epoch, never a test pick.
 
-With an out folder, a checkpoint is written at the end of every epoch and a later call with the
-same settings continues from it, to the same result as one uninterrupted run.
+The training runs on the Trainer (`EvalMethod`), so it has what every run has: checkpoints at
+each epoch's end (and every --checkpoint-every steps), exact resume, --max-steps, bf16,
+metrics.jsonl and results.json. An epoch here is one pass over train + validation.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm.data.types import DataBundle, Split, iterate_batches
+from lfm.config import RunConfig
+from lfm.data.types import Batch, DataBundle
 from lfm.errors import LFMError
+from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.options import METHOD_CHECKS
 from lfm.nas.evalnet import NetworkCIFAR, count_params, cutout
 from lfm.nas.genotypes import Genotype
-from lfm.train.checkpoint import (
-    data_fingerprint,
-    open_checkpoints,
-    restore,
-    rng_state,
-    set_rng_state,
-)
-from lfm.train.progress import progress_bar
-from lfm.train.runlock import run_folder_lock
+from lfm.train import distributed
 
 
 @dataclass
@@ -103,17 +98,117 @@ EVAL_PRESETS: dict[str, EvalConfig] = {
 }
 
 
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module, bundle: DataBundle, split: Split, batch_size: int, device
-) -> float:
-    """Top-1 accuracy of `model` (eval mode) on `split`."""
-    model.eval()
-    correct = 0
-    for b in iterate_batches(split, batch_size, device=device, shuffle=False):
-        correct += int((model(bundle.inputs(b.x, False))[0].argmax(1) == b.y).sum())
-    model.train()
-    return correct / max(len(split), 1)
+class _Logits(nn.Module):
+    """The network's main logits (NetworkCIFAR also returns the auxiliary head's)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
+
+
+class EvalMethod(Method):
+    """Training a genotype's evaluation network from scratch, as a method of the Trainer:
+    DARTS's `train.py` (SGD with per-epoch cosine to 0, auxiliary loss, clipping, cutout,
+    drop-path ramped linearly with the epoch) on train + validation."""
+
+    name = "nas-evaluate"
+    command = "`lfm evaluate`"
+    epoch_is_a_pass = True  # an epoch is one pass over train + val, as in DARTS
+
+    def __init__(self, genotype: Genotype | None = None, config: EvalConfig | None = None):
+        self.genotype, self.cfg = genotype, config
+        self.train_on = "train+val" if config is None else config.train_on
+
+    def setup(self, ctx: Context) -> None:
+        """The network (seeded by the config), its SGD and the cutout generator."""
+        if self.cfg is None:  # a run that names the method: its options hold both
+            self.genotype, self.cfg = eval_options(ctx.options)
+            self.train_on = self.cfg.train_on
+        cfg, b = self.cfg, ctx.bundle
+        torch.manual_seed(cfg.seed)
+        self.model = NetworkCIFAR(
+            self.genotype, cfg.C, b.num_classes, cfg.layers, cfg.auxiliary, b.input_shape
+        ).to(ctx.device)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.bundle, self.epochs = b, cfg.epochs
+        self.records: list[dict] = []
+        self._sums = [0.0, 0, 0]  # loss * n, correct, seen in this epoch
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One SGD step on the main + auxiliary loss."""
+        cfg, epoch = self.cfg, ctx.epoch
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))  # cosine to 0
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.model.drop_path_prob = cfg.drop_path * epoch / self.epochs  # DARTS's linear ramp
+        x = self.bundle.inputs(batch.x, True)
+        if cfg.cutout > 0:
+            x = cutout(x, cfg.cutout, self.gen)
+        logits, aux = self.model(x)
+        loss = F.cross_entropy(logits, batch.y)
+        if aux is not None:
+            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, batch.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # mutant evaluate-step-dropped: drop | nas_search:evaluate
+        self.opt.step()
+        correct = int((logits.argmax(1) == batch.y).sum())
+        self._sums = [
+            self._sums[0] + float(loss.detach()) * len(batch),
+            self._sums[1] + correct,
+            self._sums[2] + len(batch),
+        ]
+        return {"loss": float(loss.detach()), "train_acc": correct / max(len(batch), 1), "lr": lr}
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        """The epoch's record: lr, mean training loss and accuracy."""
+        tot, correct, seen = self._sums
+        e = ctx.epoch - 1
+        lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * e / self.epochs))
+        rec = {"epoch": e, "lr": lr, "train_loss": tot / max(seen, 1)}
+        self.records.append(rec | {"train_acc": correct / max(seen, 1)})
+        self._sums = [0.0, 0, 0]
+
+    def models(self) -> dict[str, nn.Module]:
+        """The evaluation network (main logits)."""
+        return {"model": _Logits(self.model)}
+
+    def identity(self) -> dict[str, dict]:
+        """The evaluation settings and the genotype must match to resume."""
+        return {"evaluate": asdict(self.cfg), "genotype": self.genotype.to_dict()}
+
+    def results(self) -> dict[str, Any]:
+        """Parameters (DARTS's count, auxiliary head excluded), genotype, epoch records."""
+        return {
+            "params": count_params(self.model),
+            "params_with_aux": count_params(self.model, include_auxiliary=True),
+            "genotype": self.genotype.to_dict(),
+            "history": self.records,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Network, optimizer, cutout generator, records."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "records": self.records,
+            "sums": self._sums,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict`'s output."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["gen"])
+        self.records, self._sums = list(state["records"]), list(state["sums"])
 
 
 def run_evaluate(
@@ -125,112 +220,73 @@ def run_evaluate(
     *,
     out: Path | str | None = None,
     resume: bool = True,
+    **run: Any,
 ) -> dict:
     """Train `genotype` as a NetworkCIFAR from scratch on train + val; return test accuracy etc.
 
-    With `out`, checkpoint each epoch into `out`/checkpoints/evaluate and continue from the
-    newest one there unless `resume` is False.
+    Runs on the Trainer, in the run folder `out`/evaluate: it checkpoints each epoch there and
+    continues from the newest checkpoint unless `resume` is False, and writes metrics.jsonl and
+    results.json there. run: other RunConfig fields (max_steps, precision, ...).
+    The test accuracy is the last epoch's (no test-set model selection).
     """
+    from lfm.train.trainer import Trainer
+
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    model = NetworkCIFAR(
-        genotype, cfg.C, bundle.num_classes, cfg.layers, cfg.auxiliary, bundle.input_shape
-    ).to(device)
-    data = Split.concat(bundle.train, bundle.val) if cfg.train_on == "train+val" else bundle.train
-    if len(data) == 0:
-        raise LFMError("evaluation has no training data", "check the data bundle's splits")
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    if distributed.world_size() > 1:
+        raise LFMError("lfm evaluate runs in one process for now", "run it without torchrun")
+    method = EvalMethod(genotype, cfg)
+    rc = RunConfig(
+        method=EvalMethod.name,
+        method_options=asdict(cfg) | {"genotype": genotype.to_dict()},
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        steps_per_epoch=cfg.steps_per_epoch,
+        device=str(device),
+        progress=progress,
+        # its own run folder inside `out`, so that a search's files there stay as they are
+        out=None if out is None else str(Path(out) / "evaluate"),
+        resume=resume,
+        eval_every=cfg.epochs,  # the test set is read once, at the end
+        **run,
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_batches = -(-len(data) // cfg.batch_size)
-    if cfg.steps_per_epoch is not None:
-        n_batches = min(n_batches, cfg.steps_per_epoch)
-    identity = {
-        "evaluate": asdict(cfg),
-        "genotype": genotype.to_dict(),
-        "data": data_fingerprint(bundle),
+    res = Trainer(rc, bundle=bundle, method=method).run()
+    extra = res[method.name]
+    return {
+        "test_acc": res["last"]["model"]["test_acc"],  # last epoch (no test-set selection)
+        "params": extra["params"],
+        "params_with_aux": extra["params_with_aux"],
+        "history": extra["history"],
+        "genotype": extra["genotype"],
     }
-    with run_folder_lock(out):  # before its checkpoints are read or cleared
-        ckpt, state = open_checkpoints(out, "evaluate", identity, resume)
-        history: list[dict] = []
-        start, elapsed = 0, 0.0
-        if state is not None:
 
-            def load() -> None:
-                nonlocal history, start, elapsed
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                gen.set_state(state["gen"])
-                history, start = json.loads(state["history"]), int(state["epoch"])
-                elapsed = float(state["seconds"])
-                set_rng_state(state["rng"])  # drop-path masks
 
-            restore(ckpt, "`lfm evaluate`", load, progress)
-        t0 = time.time() - elapsed
-        for epoch in range(start, cfg.epochs):
-            lr = (
-                cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-            )  # cosine to 0, per epoch
-            for g in opt.param_groups:
-                g["lr"] = lr
-            model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
-            tot = correct = seen = 0
-            bar = progress_bar(progress, n_batches, 0, f"evaluate epoch {epoch}")
-            for i, b in enumerate(
-                iterate_batches(data, cfg.batch_size, device=device, seed=cfg.seed, epoch=epoch)
-            ):
-                if i >= n_batches:
-                    break
-                x = bundle.inputs(b.x, True)
-                if cfg.cutout > 0:
-                    x = cutout(x, cfg.cutout, gen)
-                logits, aux = model(x)
-                loss = F.cross_entropy(logits, b.y)
-                if aux is not None:
-                    loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, b.y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                tot += float(loss.detach()) * len(b)
-                correct += int((logits.argmax(1) == b.y).sum())
-                seen += len(b)
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            rec = {
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": tot / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "seconds": time.time() - t0,
-            }
-            history.append(rec)
-            if progress:
-                print(
-                    f"[evaluate] epoch {epoch} loss {rec['train_loss']:.3f} "
-                    f"acc {rec['train_acc']:.3f} ({rec['seconds']:.0f}s)",
-                    flush=True,
-                )
-            if ckpt is not None:
-                snapshot = {
-                    "identity": json.dumps(identity),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "rng": rng_state(),
-                    "history": json.dumps(history),
-                    "seconds": time.time() - t0,
-                }
-                ckpt.save(snapshot, epoch + 1)
-        test_acc = evaluate_accuracy(model, bundle, bundle.test, cfg.batch_size, device)
-        return {
-            "test_acc": test_acc,  # last epoch (no test-set model selection)
-            "params": count_params(model),  # DARTS's count: the auxiliary head excluded
-            "params_with_aux": count_params(model, include_auxiliary=True),
-            "history": history,
-            "genotype": genotype.to_dict(),
-        }
+def eval_options(options: dict[str, Any]) -> tuple[Genotype, EvalConfig]:
+    """The genotype (a name, a genotype.json path or its dict) and EvalConfig a run's method
+    options describe: `preset` (default tiny) with fields overridden."""
+    from lfm.config import parse_value
+
+    opts = dict(options)
+    if "genotype" not in opts:
+        raise LFMError("nas-evaluate needs a genotype", "pass --opt genotype=DARTS_V2 (or a path)")
+    g = opts.pop("genotype")
+    genotype = Genotype.from_dict(g) if isinstance(g, dict) else Genotype.load(str(g))
+    base = EVAL_PRESETS[opts.pop("preset", "tiny")]
+    fields = asdict(base)
+    unknown = set(opts) - set(fields)
+    if unknown:
+        raise LFMError(
+            f"unknown evaluate option(s) {', '.join(sorted(unknown))}",
+            f"known: {', '.join(sorted(fields))}",
+        )
+    for k, v in opts.items():
+        fields[k] = parse_value(v) if isinstance(v, str) and not isinstance(fields[k], str) else v
+    cfg = EvalConfig(**fields)
+    cfg.validate()
+    return genotype, cfg
+
+
+METHODS.register(EvalMethod.name, "train a genotype's evaluation network (DARTS's train.py)")(
+    EvalMethod
+)
+METHOD_CHECKS[EvalMethod.name] = eval_options

@@ -27,36 +27,30 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm.data.types import DataBundle, Stream, iterate_batches
+from lfm.config import RunConfig, parse_value
+from lfm.data.types import Batch, DataBundle, iterate_batches
 from lfm.engine.functional import params_of
 from lfm.engine.hypergrad import BACKENDS
 from lfm.engine.virtual import EntryOptimizer, StepRule
 from lfm.errors import LFMError
+from lfm.methods.base import METHODS, Context, Method
+from lfm.methods.options import METHOD_CHECKS
 from lfm.models import MODELS, create_model
 from lfm.nas.genotypes import Genotype, derive_genotype, num_edges
 from lfm.nas.hypergrad import LFMGrad, darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
 from lfm.nas.ops import PRIMITIVES
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.registry import Registry
-from lfm.train.checkpoint import (
-    data_fingerprint,
-    open_checkpoints,
-    restore,
-    rng_state,
-    set_rng_state,
-)
-from lfm.train.metrics import MetricsLog
-from lfm.train.progress import progress_bar
-from lfm.train.runlock import run_folder_lock
+from lfm.train import distributed
 
 ENCODERS = ("full", "shared")
 
@@ -502,165 +496,187 @@ class _Learners:
         return correct / max(total, 1)
 
 
-def _search(
-    bundle: DataBundle,
-    cfg: SearchConfig,
-    device: torch.device | str,
-    progress: bool,
-    progressive: bool,
-    lfm: bool,
-    out: Path | str | None = None,
-    resume: bool = True,
-    tensorboard: bool = False,
-) -> SearchResult:
-    cfg.validate()
-    image_input(bundle.input_shape)
-    if len(bundle.val) == 0:
-        raise LFMError("search needs a validation split", "build the data with val_fraction=0.5")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stages = _plan(cfg, progressive)  # a function of cfg, which the identity check covers
-    # persistent validation iterator: one stream for the whole search (DARTS's next(valid_queue))
-    val_stream = Stream(bundle.val, cfg.batch_size, device=device, seed=cfg.seed + 1)
-    identity = {"search": asdict(cfg), "data": data_fingerprint(bundle)}
-    ckpt, state = open_checkpoints(out, "search", identity, resume)  # the caller holds the lock
-    e = num_edges()
-    normal_ops = [list(PRIMITIVES)] * e
-    reduce_ops = [list(PRIMITIVES)] * e
-    history: list[dict] = []
-    learners: _Learners | None = None
-    first_stage, first_epoch, elapsed, step = 0, 0, 0.0, 0
-    if state is not None:
+class _Bound(nn.Module):
+    """A supernet with its current alphas bound in: `forward(x)` as every learner has it (so
+    the Trainer evaluates a search's supernet like any model)."""
 
-        def load() -> None:
-            nonlocal normal_ops, reduce_ops, learners, history, first_stage, first_epoch, elapsed
-            nonlocal step
-            first_stage, first_epoch = int(state["stage"]), int(state["epoch"])
-            step = int(state.get("step", 0))
-            normal_ops, reduce_ops = state["normal_ops"], state["reduce_ops"]
-            learners = _Learners(
-                cfg, bundle, stages[first_stage], normal_ops, reduce_ops, lfm, device, gen
+    def __init__(self, net: nn.Module, alphas: tuple[torch.Tensor, ...], head: int):
+        super().__init__()
+        self.net, self.alphas, self.head = net, alphas, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, tuple(a.detach() for a in self.alphas), head=self.head)
+
+
+class SearchMethod(Method):
+    """An architecture search as a method of the Trainer (one loop for both applications).
+
+    The stage plan is a schedule over the Trainer's epochs: DARTS has one stage; P-DARTS
+    several, and at the first step of each later stage the weakest candidates of every edge
+    are dropped by the last stage's alphas and a fresh supernet starts (as P-DARTS does).
+    Within a stage the weights' lr follows DARTS's per-epoch cosine, P-DARTS's skip dropout
+    decays linearly, and warm-up epochs train the weights alone. Each step takes the
+    validation stream's next batch for alpha (DARTS's `next(valid_queue)`).
+    """
+
+    command = "`lfm search`"
+    checkpoint_folder = "checkpoints/search"  # an evaluation can share the folder
+
+    def __init__(self, name: str, progressive: bool, lfm: bool, config: SearchConfig | None = None):
+        self.name, self.progressive, self.lfm, self.cfg = name, progressive, lfm, config
+
+    def setup(self, ctx: Context) -> None:
+        """The stage plan, the first stage's supernet(s), alphas and optimizers."""
+        if distributed.world_size() > 1:
+            raise LFMError(
+                f"{self.name} runs in one process for now: its supernet's BatchNorm uses batch "
+                "statistics, so splitting the batch over processes changes the search",
+                "run lfm search without torchrun (or with --nproc_per_node 1)",
             )
-            # mutant search-resume-loses-learners: drop | nas_resume
-            learners.load_state_dict(state["learners"])
-            val_stream.load_state_dict(state["val_stream"])
-            history, elapsed = json.loads(state["history"]), float(state["seconds"])
-            # after building the learners, whose initialisation drew from both generators
-            gen.set_state(state["gen"])
-            set_rng_state(state["rng"])
-
-        restore(ckpt, "`lfm search`", load, progress)
-    log = MetricsLog(Path(out) if out is not None else None, tensorboard)
-    log.open(step)  # keeps the lines of the steps the checkpoint holds
-    t0 = time.time() - elapsed
-    n_batches = -(-len(bundle.train) // cfg.batch_size)
-    if cfg.steps_per_epoch is not None:
-        n_batches = min(n_batches, cfg.steps_per_epoch)
-    for s in range(first_stage, len(stages)):
-        stage = stages[s]
-        if s > first_stage or state is None:  # else the resumed stage's learners are loaded
-            if learners is not None and stage.num_ops < len(normal_ops[0]):
-                # P-DARTS: drop ops by the previous stage's alphas, then start a fresh supernet
-                normal_ops = drop_ops(learners.alphas[0], normal_ops, stage.num_ops)
-                reduce_ops = drop_ops(learners.alphas[1], reduce_ops, stage.num_ops)
-            learners = _Learners(cfg, bundle, stage, normal_ops, reduce_ops, lfm, device, gen)
-        for epoch in range(first_epoch if s == first_stage else 0, stage.epochs):
-            learners.set_lr(_cosine_lr(cfg, epoch, stage.epochs))
-            # P-DARTS: the skip dropout rate decays linearly to 0 over the stage
-            learners.set_skip_dropout(stage.skip_p * (stage.epochs - epoch - 1) / stage.epochs)
-            arch = epoch >= stage.warmup
-            sums: dict[str, float] = {}
-            bar = progress_bar(progress, n_batches, 0, f"{cfg.method} stage {s} epoch {epoch}")
-            for i, b in enumerate(
-                iterate_batches(
-                    bundle.train,
-                    cfg.batch_size,
-                    device=device,
-                    seed=cfg.seed,
-                    epoch=epoch + 1000 * s,
-                )
-            ):
-                if i >= n_batches:
-                    break
-                vb = next(val_stream)
-                st = learners.step(
-                    bundle.inputs(b.x, True), b.y, bundle.inputs(vb.x, True), vb.y, vb.idx, arch
-                )
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                lr = _cosine_lr(cfg, epoch, stage.epochs)
-                log.write("step", step=step, epoch=epoch + i / n_batches, stage=s, lr=lr, **st)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            rec = {
-                "stage": s,
-                "layers": stage.layers,
-                "epoch": epoch,
-                "arch": arch,
-                "lr": _cosine_lr(cfg, epoch, stage.epochs),
-                "seconds": time.time() - t0,
-            }
-            rec |= {k: v / max(n_batches, 1) for k, v in sums.items()}
-            rec["val_acc"] = learners.val_accuracy(bundle, cfg.batch_size)
-            rec["genotype"] = derive_genotype(*learners.alphas, normal_ops, reduce_ops).to_dict()
-            history.append(rec)
-            log.write("eval", step=step, epoch=epoch + 1, stage=s, val_acc=rec["val_acc"])
-            if progress:
-                print(
-                    f"[{cfg.method}] stage {s} epoch {epoch} loss {rec.get('train_loss', 0):.3f} "
-                    f"val_acc {rec['val_acc']:.3f} ({rec['seconds']:.0f}s)",
-                    flush=True,
-                )
-            if ckpt is not None:
-                snapshot = {
-                    "identity": json.dumps(identity),
-                    "stage": s,
-                    "epoch": epoch + 1,  # epochs of this stage done
-                    "step": step,  # iterations of the whole search done
-                    "normal_ops": normal_ops,
-                    "reduce_ops": reduce_ops,
-                    "learners": learners.state_dict(),
-                    "val_stream": val_stream.state_dict(),
-                    "history": json.dumps(history),
-                    "seconds": time.time() - t0,
-                    "gen": gen.get_state(),
-                    "rng": rng_state(),
-                }
-                ckpt.save(snapshot, len(history))
-    log.close()
-    genotype = derive_genotype(
-        *learners.alphas,
-        normal_ops,
-        reduce_ops,
-        max_skip_normal=cfg.max_skip if progressive else None,
-    )
-    alphas = tuple(t.detach().cpu() for t in learners.alphas)
-    return SearchResult(genotype, alphas, normal_ops, reduce_ops, history)
-
-
-SEARCHERS: Registry[SearchResult] = Registry("search method")
-
-
-def _searcher(progressive: bool, lfm: bool) -> Callable[..., SearchResult]:
-    def search(
-        bundle: DataBundle,
-        cfg: SearchConfig,
-        device="cpu",
-        progress=False,
-        out=None,
-        resume=True,
-        tensorboard=False,
-    ) -> SearchResult:
-        with run_folder_lock(out):  # before its checkpoints are read or cleared
-            return _search(
-                bundle, cfg, device, progress, progressive, lfm, out, resume, tensorboard
+        if self.cfg is None:
+            self.cfg = search_config(self.name, ctx.options)
+        cfg = self.cfg
+        image_input(ctx.bundle.input_shape)
+        self.bundle, self.device = ctx.bundle, ctx.device
+        self.stages = _plan(cfg, self.progressive)
+        planned = sum(st.epochs for st in self.stages)
+        if ctx.total_steps != planned * ctx.steps_per_epoch:
+            raise LFMError(
+                f"the run has {ctx.total_steps // ctx.steps_per_epoch} epochs but the {self.name} "
+                f"search plans {planned}",
+                f"run it with lfm search (or pass --epochs {planned})",
             )
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        e = num_edges()
+        self.normal_ops, self.reduce_ops = [list(PRIMITIVES)] * e, [list(PRIMITIVES)] * e
+        self.stage = 0
+        self.learners = self._build()
+        self.records: list[dict] = []
+        self._sums: dict[str, float] = {}
+        self._n = 0
 
-    return search
+    def _build(self) -> _Learners:
+        return _Learners(
+            self.cfg,
+            self.bundle,
+            self.stages[self.stage],
+            self.normal_ops,
+            self.reduce_ops,
+            self.lfm,
+            self.device,
+            self.gen,
+        )
 
+    def _where(self, epoch: int) -> tuple[int, int]:
+        """(stage, epoch within it) of a global epoch."""
+        for s, st in enumerate(self.stages):
+            if epoch < st.epochs:
+                return s, epoch
+            epoch -= st.epochs
+        return len(self.stages) - 1, self.stages[-1].epochs - 1
+
+    def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        """One search iteration (weights only in a warm-up epoch)."""
+        s, epoch = self._where(ctx.epoch)
+        if s != self.stage:  # P-DARTS: drop ops by the last stage's alphas, start afresh
+            self.normal_ops = drop_ops(
+                self.learners.alphas[0], self.normal_ops, self.stages[s].num_ops
+            )
+            self.reduce_ops = drop_ops(
+                self.learners.alphas[1], self.reduce_ops, self.stages[s].num_ops
+            )
+            self.stage = s
+            self.learners = self._build()
+        stage = self.stages[s]
+        lr = _cosine_lr(self.cfg, epoch, stage.epochs)
+        self.learners.set_lr(lr)
+        # P-DARTS: the skip dropout rate decays linearly to 0 over the stage
+        self.learners.set_skip_dropout(stage.skip_p * (stage.epochs - epoch - 1) / stage.epochs)
+        vb = next(ctx.val_stream)
+        inputs = self.bundle.inputs
+        st = self.learners.step(
+            inputs(batch.x, True), batch.y, inputs(vb.x, True), vb.y, vb.idx, epoch >= stage.warmup
+        )
+        for k, v in st.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._n += 1
+        return st | {"lr": lr, "stage": float(s)}
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        """The epoch's record: its means, the supernet's validation accuracy, the genotype."""
+        s, epoch = self._where(ctx.epoch - 1)
+        stage = self.stages[s]
+        rec = {
+            "stage": s,
+            "layers": stage.layers,
+            "epoch": epoch,
+            "arch": epoch >= stage.warmup,
+            "lr": _cosine_lr(self.cfg, epoch, stage.epochs),
+        }
+        rec |= {k: v / max(self._n, 1) for k, v in self._sums.items()}
+        rec["val_acc"] = self.learners.val_accuracy(self.bundle, self.cfg.batch_size)
+        alphas = self.learners.alphas
+        rec["genotype"] = derive_genotype(*alphas, self.normal_ops, self.reduce_ops).to_dict()
+        self.records.append(rec)
+        self._sums, self._n = {}, 0
+
+    def models(self) -> dict[str, nn.Module]:
+        """The supernet whose validation loss drives alpha (W2 in LFM), with alpha bound."""
+        L = self.learners
+        net, head = (L.net2, 0) if L.net2 is not None else (L.net1, 1 if L.shared else 0)
+        return {"supernet": _Bound(net, L.alphas, head)}
+
+    def result(self) -> SearchResult:
+        """The genotype (P-DARTS's cap on skip-connects applied), final alphas, history."""
+        genotype = derive_genotype(
+            *self.learners.alphas,
+            self.normal_ops,
+            self.reduce_ops,
+            max_skip_normal=self.cfg.max_skip if self.progressive else None,
+        )
+        alphas = tuple(t.detach().cpu() for t in self.learners.alphas)
+        return SearchResult(genotype, alphas, self.normal_ops, self.reduce_ops, self.records)
+
+    def results(self) -> dict:
+        """results.json's `search` entry: the genotype, alphas, candidates, epoch records."""
+        r = self.result()
+        return {
+            "genotype": r.genotype.to_dict(),
+            "alphas": [a.tolist() for a in r.alphas],
+            "normal_ops": r.normal_ops,
+            "reduce_ops": r.reduce_ops,
+            "history": r.history,
+        }
+
+    def identity(self) -> dict[str, dict]:
+        """Every search setting must match for a checkpoint to be continued."""
+        return {"search": asdict(self.cfg)}
+
+    def state_dict(self) -> dict:
+        """Stage, candidates, learners, the alpha generator and the epoch records."""
+        return {
+            "stage": self.stage,
+            "normal_ops": self.normal_ops,
+            "reduce_ops": self.reduce_ops,
+            "learners": self.learners.state_dict(),
+            "gen": self.gen.get_state(),
+            "records": json.dumps(self.records),
+            "sums": json.dumps([self._sums, self._n]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict`'s output (after `setup` with the same settings)."""
+        self.stage = int(state["stage"])
+        self.normal_ops, self.reduce_ops = state["normal_ops"], state["reduce_ops"]
+        self.learners = self._build()
+        # mutant search-resume-loses-learners: drop | nas_resume
+        self.learners.load_state_dict(state["learners"])
+        self.gen.set_state(state["gen"])  # after building, whose initialisation drew from it
+        self.records = json.loads(state["records"])
+        self._sums, self._n = json.loads(state["sums"])
+
+
+SEARCHERS: Registry[Method] = Registry("search method")
 
 # DARTS is a P-DARTS with one stage; LFM adds the second learner (module docstring)
 for _name, _help, _progressive, _lfm in (
@@ -669,7 +685,44 @@ for _name, _help, _progressive, _lfm in (
     ("lfm-darts", "LFM applied to DARTS: alpha shared by learners W1 and W2", False, True),
     ("lfm-pdarts", "LFM applied to P-DARTS", True, True),
 ):
-    SEARCHERS.register(_name, _help)(_searcher(_progressive, _lfm))
+
+    def _factory(name=_name, progressive=_progressive, lfm=_lfm) -> SearchMethod:
+        return SearchMethod(name, progressive, lfm)
+
+    SEARCHERS.register(_name, _help)(_factory)
+    METHODS.register(_name, f"architecture search: {_help}")(_factory)
+    METHOD_CHECKS[_name] = lambda options, name=_name: search_config(name, options)
+
+
+def search_config(method: str, options: dict) -> SearchConfig:
+    """The SearchConfig a run's method options describe: `preset` (default tiny) with fields
+    overridden (strings from the command line are parsed by the field's type)."""
+    opts = dict(options)
+    preset = opts.pop("preset", "tiny")
+    hints = typing.get_type_hints(SearchConfig)
+    for k, v in list(opts.items()):
+        if isinstance(v, str) and k in hints and hints[k] is not str:
+            opts[k] = parse_value(v)
+        if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple:
+            opts[k] = tuple(v)
+    return config_from_preset(preset, **(opts | {"method": method}))
+
+
+def run_config(cfg: SearchConfig, **run: Any) -> RunConfig:
+    """The Trainer's RunConfig of search `cfg` (its epochs are the stage plan's total).
+
+    run: RunConfig fields (out, device, data, precision, max_steps, checkpoint_every, ...).
+    """
+    stages = _plan(cfg, cfg.method.endswith("pdarts"))
+    base = dict(
+        method=cfg.method,
+        epochs=sum(s.epochs for s in stages),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        steps_per_epoch=cfg.steps_per_epoch,
+        method_options={k: v for k, v in asdict(cfg).items() if k != "method"},
+    )
+    return RunConfig(**(base | run))
 
 
 def run_search(
@@ -680,18 +733,35 @@ def run_search(
     *,
     out: Path | str | None = None,
     resume: bool = True,
-    tensorboard: bool = False,
+    **run: Any,
 ) -> SearchResult:
     """Search an architecture on `bundle` (train split for weights, val split for alpha).
 
-    With `out`, checkpoint each epoch into `out`/checkpoints/search and continue from the
-    newest one there unless `resume` is False, and log every step to `out`/metrics.jsonl
-    (and TensorBoard events in `out`/tensorboard with `tensorboard`).
+    The search runs on the Trainer: with `out`, it checkpoints each epoch into
+    `out`/checkpoints/search and continues from the newest one there unless `resume` is False,
+    logs every step to `out`/metrics.jsonl and writes `out`/results.json. run: other RunConfig
+    fields (max_steps, checkpoint_every, precision, tensorboard, eval_every).
+
+    Example
+    -------
+    >>> res = run_search(bundle, SearchConfig(method="lfm-darts"))
+    >>> res.genotype.normal
     """
+    from lfm.train.trainer import Trainer
+
     cfg.validate()
-    return SEARCHERS.get(cfg.method)(
-        bundle, cfg, device, progress, out=out, resume=resume, tensorboard=tensorboard
+    method = SEARCHERS.create(cfg.method)
+    method.cfg = cfg
+    rc = run_config(
+        cfg,
+        device=str(device),
+        progress=progress,
+        out=None if out is None else str(out),
+        resume=resume,
+        **run,
     )
+    Trainer(rc, bundle=bundle, method=method).run()
+    return method.result()
 
 
 def config_from_preset(name: str, **overrides) -> SearchConfig:

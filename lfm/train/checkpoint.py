@@ -228,18 +228,24 @@ def open_checkpoints(
             f"checkpoint {path} is not a checkpoint of `lfm {command}`",
             "delete it, or use a new --out folder",
         )
+    check_identity(saved, identity, ckpt.folder)
+    return ckpt, state
+
+
+def check_identity(saved: dict[str, dict], identity: dict[str, dict], folder: Path) -> None:
+    """LFMError naming the first field whose value differs between a checkpoint's identity
+    (`saved`, as it was written) and this run's (`identity`), section by section."""
     mine = json.loads(json.dumps(identity))  # tuples -> lists, as the saved copy has them
     for section, fields in mine.items():
         then = saved.get(section) or {}
         for k in sorted(fields.keys() | then.keys()):
             if fields.get(k) != then.get(k):
                 raise LFMError(
-                    f"the checkpoint in {ckpt.folder} was made with a different {section}.{k} "
+                    f"the checkpoint in {folder} was made with a different {section}.{k} "
                     f"({then.get(k)!r} then, {fields.get(k)!r} now)",
                     "run the same command as before to resume, pass --no-resume (API: "
                     "resume=False) to start over, or use a new --out folder",
                 )
-    return ckpt, state
 
 
 def restore(ckpt: CheckpointDir, what: str, load: Callable[[], Any], progress: bool) -> None:

@@ -37,6 +37,8 @@ from lfm.train import distributed
 from lfm.train.checkpoint import (
     CheckpointDir,
     atomic_write_bytes,
+    check_identity,
+    data_fingerprint,
     remove_temp_files,
     restore,
     rng_state,
@@ -243,7 +245,10 @@ class Trainer:
         # An epoch is one pass over the TRAINING set for every method, so a method that trains
         # on the small clean set alone (ce-clean) gets the same number of steps as the others
         # and cycles over its own data several times per epoch.
-        spe = max(1, math.ceil(len(bundle.train) / cfg.batch_size))
+        per_epoch = len(self.split) if self.method.epoch_is_a_pass else len(bundle.train)
+        spe = max(1, math.ceil(per_epoch / cfg.batch_size))
+        if cfg.steps_per_epoch is not None:
+            spe = min(spe, cfg.steps_per_epoch)
         total = spe * cfg.epochs
         self.ctx = Context(
             bundle=bundle,
@@ -279,7 +284,9 @@ class Trainer:
         self.segments: list[dict[str, Any]] = []
         self._seg_start: tuple[int, float] | None = None  # (step, train_seconds) at its start
         self.ckpt = (
-            CheckpointDir(self.out / "checkpoints", cfg.keep_checkpoints) if self.out else None
+            CheckpointDir(self.out / self.method.checkpoint_folder, cfg.keep_checkpoints)
+            if self.out
+            else None
         )
         self.metrics = MetricsLog(self.out if distributed.is_main() else None, cfg.tensorboard)
         self.autocast = torch.autocast(
@@ -300,10 +307,17 @@ class Trainer:
             "segments": json.dumps(self.segments + ([self._segment()] if self._seg_start else [])),
             "rng": rng_state(),
             "config": json.dumps(asdict(self.cfg)),
+            "identity": json.dumps(self._identity()),
         }
+
+    def _identity(self) -> dict[str, dict]:
+        """The method's settings and the data's fingerprint: what a resume must match."""
+        return self.method.identity() | {"data": data_fingerprint(self.bundle)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run from `state_dict`'s output."""
+        if "identity" in state:  # checkpoints from before it was saved have none
+            check_identity(json.loads(state["identity"]), self._identity(), self.ckpt.folder)
         saved = json.loads(state["config"])
         mine = json.loads(json.dumps(asdict(self.cfg)))
         for cfg in (saved, mine):  # how the data is read leaves what is learned unchanged
@@ -356,7 +370,7 @@ class Trainer:
         state = self.ckpt.latest()
         if state is None:
             return False
-        restore(self.ckpt, "an lfm run", lambda: self.load_state_dict(state), progress=False)
+        restore(self.ckpt, self.method.command, lambda: self.load_state_dict(state), progress=False)
         return True
 
     # -- the loop ------------------------------------------------------------------------
@@ -370,6 +384,8 @@ class Trainer:
         """Batches for global steps [start, stop): passes over the method's split, in the order
         that is a pure function of (seed, pass), so a resumed run sees the same batches."""
         per_pass = max(1, math.ceil(len(self.split) / self.cfg.batch_size))
+        if self.cfg.steps_per_epoch is not None:
+            per_pass = min(per_pass, self.cfg.steps_per_epoch)
         # Every rank: the same global batch, its own part (only that part is read, which
         # matters when a streamed split decodes it from disk).
         part = (distributed.world_size(), distributed.rank()) if distributed.active() else None
@@ -437,7 +453,9 @@ class Trainer:
                 lr, step = ctx.learner_lr("W1"), ctx.step
                 with self.autocast:  # the step advances ctx.step
                     logs = self._logs = self.reweighter.step(batch.x, batch.y, batch.idx)
-                self.metrics.write("step", step=step, epoch=step / spe, lr=lr, **logs)
+                # a method with its own schedule (a search) logs its lr itself
+                row = {"step": step, "epoch": step / spe, "lr": lr} | logs
+                self.metrics.write("step", **row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -519,6 +537,9 @@ class Trainer:
                 "precision": self.cfg.precision,
             },
         }
+        extra = self.method.results()
+        if extra:
+            results[self.method.name] = extra
         if self.out is not None and distributed.is_main():
             self.write(results)
         return results
