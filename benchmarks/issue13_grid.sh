@@ -3,8 +3,10 @@
 # with 50 (MNIST-1D) / 20 (digits) clean examples per class held out of all training for the
 # choice (--select-per-class). One process, one thread (a shared 2-core machine).
 #   bash benchmarks/issue13_grid.sh evidence/issue13
+# (The grid in docs/RESULTS.md section 8 ran on a copy of lfm/ taken at its start, through
+# PYTHONPATH from another folder, so that editing the package could not change runs mid-grid.)
 set -euo pipefail
-OUT=${1:-evidence/issue13}
+OUT=$(realpath -m "${1:-evidence/issue13}")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 M="ce,ce-clean,ce-all,small-loss,focal,cb,l2rw,mwnet,lfm-sn,lfm-w1-val,cand-a,cand-ab,cand-abw"
 V="--variant lfm-w1-val=lfm:preset=w1-val --variant cand-a=lfm:preset=w1-val-a-norm \

@@ -105,3 +105,21 @@ def test_selection_split_is_clean_balanced_and_held_out():
     sel = set(b.select.origin.tolist())
     assert not sel & set(b.train.origin.tolist()) and not sel & set(b.val.origin.tolist())
     assert b.info["sizes"]["select"] == 200
+
+
+def test_a_variant_name_brings_its_preset():
+    """`lfm dr --variant NAME` passes variant=NAME: the preset of that name is applied, so the
+    b-normalised candidates get their b_mode and warm-up, not the paper's defaults."""
+    from lfm.methods.lfm_dr import LFMConfig
+
+    cfg = LFMConfig.from_options({"variant": "w1-val-a-norm-b-norm-warm"})
+    assert (cfg.b_mode, cfg.b_warmup) == ("batch-normalised", 0.2)
+    assert cfg.iter_options().a_norm and cfg.iter_options().b_path == "w2+w1val"
+
+
+def test_select_per_class_flag_reaches_the_data_config():
+    from lfm.cli.args import run_config
+    from lfm.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "--method", "ce", "--select-per-class", "7"])
+    assert run_config(args).data.select_per_class == 7

@@ -40,16 +40,16 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
 - `w1-val-only`  a control for `w1-val`: b answers to L_val(W1') alone (W2, V and r as in the
                  paper). If it matches `w1-val`, the gain comes from this L2RW-like term and not
                  from learning from W2's relearning.
-- `w1-val-a-normalised`  `w1-val`'s b path with `a-normalised`'s stage 2 (issue 13): a with
-                 values in (0, 1) shrinks W2's step by their mean, and under imbalance a is
-                 lowest on the classes W2 most needs (docs/RESULTS.md section 8); a / mean(a)
-                 keeps W2's step size at the learning rate and lets u change only the mix.
-
-Issue-13 candidates (presets; docs/RESULTS.md section 8): `w1-val-a-norm` (the variant above),
-`w1-val-a-norm-b-norm` (+ b_mode batch-normalised: b changes the mix of W1's batch, not the size
-of W1's step, so switching off most of a batch cannot stall W1) and `w1-val-a-norm-b-norm-warm`
-(+ b_warmup 0.2: b does not move until W1 has fitted the easy, mostly clean, examples, when
-its validation meta-gradient stops switching off clean ones with noisy ones).
+- `w1-val-a-norm` `w1-val`'s b path with `a-normalised`'s stage 2 (issue 13): a in (0, 1)
+                 scales W2's step by its batch mean; a / mean(a) keeps W2's step at the
+                 learning rate and lets W1's mistakes u change only the mix of W2's batch.
+- `w1-val-a-norm-b-norm` the same, and (its preset) b_mode batch-normalised: b changes the mix
+                 of W1's batch, not the size of W1's step, so switching off much of a batch
+                 cannot stall W1.
+- `w1-val-a-norm-b-norm-warm` the same, and (its preset) b_warmup 0.2: b does not move in the
+                 first fifth of the run, while W1 fits the easy, mostly clean examples and its
+                 validation meta-gradient says little about which examples are wrong.
+The measurements that chose among them are docs/RESULTS.md section 8.
 
 Which per-example array flags wrong labels (`SIGNAL_KEY`, the default of `lfm suspects`): `b` for
 `w1-val` and `w1-val-only` (AUROC 0.92 on MNIST-1D, docs/RESULTS.md); `a` for the others, whose
@@ -145,9 +145,13 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "a-only": ("frozen", False),
     "w1-val": ("w2+w1val", False),
     "w1-val-only": ("w1val", False),
+    # issue 13: w1-val's b path with a / mean(a); the presets of the same names add b's mode
+    # and warm-up (as `authors-code`'s brings its b optimizer)
     # mutant w1-val-a-norm-unnormalised: `("w2+w1val", True)` -> `("w2+w1val", False)`
     #   | lfm_dr_issue13
-    "w1-val-a-normalised": ("w2+w1val", True),
+    "w1-val-a-norm": ("w2+w1val", True),
+    "w1-val-a-norm-b-norm": ("w2+w1val", True),
+    "w1-val-a-norm-b-norm-warm": ("w2+w1val", True),
 }
 OPTIMS = ("adam", "sgd")
 # b's optimizer may also be the authors' `optimizer_b` (`AuthorsSGD`)
@@ -167,7 +171,9 @@ SIGNAL_KEY: dict[str, str] = {
     "a-only": "a",
     "w1-val": "b",
     "w1-val-only": "b",
-    "w1-val-a-normalised": "b",
+    "w1-val-a-norm": "b",
+    "w1-val-a-norm-b-norm": "b",
+    "w1-val-a-norm-b-norm-warm": "b",
 }
 
 
@@ -177,7 +183,8 @@ class LFMConfig:
 
     variant: str = (
         RECOMMENDED  # paper | authors-code | own-grad-chain-rule | a-normalised | a-only | w1-val
-        # | w1-val-only
+        # | w1-val-only | w1-val-a-norm | w1-val-a-norm-b-norm | w1-val-a-norm-b-norm-warm (their
+        # presets, of the same names, bring b_mode and b_warmup)
     )
     backend: str = "exact"  # exact (jvp) | fd (finite differences, DARTS eps, fp32)
     b_mode: str = (
@@ -356,12 +363,12 @@ PRESETS: dict[str, LFMConfig] = {
     "w1-val": LFMConfig(variant="w1-val"),  # + W1's own validation loss in b's objective
     "w1-val-only": LFMConfig(variant="w1-val-only"),  # control: only W1's validation loss drives b
     # issue-13 candidates: w1-val with a / mean(a) (W2's step keeps its size under imbalance) ...
-    "w1-val-a-norm": LFMConfig(variant="w1-val-a-normalised"),
+    "w1-val-a-norm": LFMConfig(variant="w1-val-a-norm"),
     # ... and b / mean(b) per batch (b changes the mix of W1's batch, not its step size) ...
-    "w1-val-a-norm-b-norm": LFMConfig(variant="w1-val-a-normalised", b_mode="batch-normalised"),
+    "w1-val-a-norm-b-norm": LFMConfig(variant="w1-val-a-norm-b-norm", b_mode="batch-normalised"),
     # ... and b held for the first fifth of the run (W1 first fits the easy, mostly clean ones)
     "w1-val-a-norm-b-norm-warm": LFMConfig(
-        variant="w1-val-a-normalised", b_mode="batch-normalised", b_warmup=0.2
+        variant="w1-val-a-norm-b-norm-warm", b_mode="batch-normalised", b_warmup=0.2
     ),
     "ps": LFMConfig(variant="paper", encoder="shared"),  # paper + parameter sharing (Table X)
     "fast": LFMConfig(
@@ -431,7 +438,9 @@ class _LFMBase(Method):
     """What LFM-DR and its single-network variant share: V, r, a, the validation bank."""
 
     def __init__(self, config: LFMConfig | None = None, **overrides: Any):
-        self.cfg_given = config if not overrides else replace(config or LFMConfig(), **overrides)
+        # overrides without a config apply to the recommended preset, as `lfm dr` runs it
+        base = config or PRESETS[RECOMMENDED]
+        self.cfg_given = config if not overrides else replace(base, **overrides)
 
     # -- setup ---------------------------------------------------------------------------
     def _refuse_fd_with_dropout(self, model: nn.Module) -> None:
