@@ -239,6 +239,8 @@ def w2_imbalance(folder: Path, figures: Path | None) -> list[str]:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for ax, lab in zip(axes, ("lfm-w1-val", "cand-a"), strict=True):
+            if not by[lab]["a_hist"]:  # not run yet
+                continue
             ah = np.mean(by[lab]["a_hist"], axis=0)  # (epochs, classes)
             for j, k in enumerate(order):
                 ax.plot(
@@ -271,10 +273,15 @@ def b_switch_off(folder: Path, figures: Path | None) -> list[str]:
         noisy = pe["noisy"].astype(bool)
         curves[lab]["clean"].append((bh[:, ~noisy] < OFF).mean(axis=1))
         curves[lab]["noisy"].append((bh[:, noisy] < OFF).mean(axis=1))
+        # how far b moves the rest: mean weight, and the share of clean ones below one half
+        curves[lab]["w_clean"].append(bh[-1, ~noisy].mean())
+        curves[lab]["w_noisy"].append(bh[-1, noisy].mean())
+        curves[lab]["half_clean"].append((bh[-1, ~noisy] < 0.5).mean())
     lines = [
         f"| {folder.name}: w < {OFF} | clean, epoch 1 | clean, epoch 5 | clean, last | "
-        "noisy, epoch 1 | noisy, epoch 5 | noisy, last | first epoch > 10% of clean off |",
-        "|---|---|---|---|---|---|---|---|",
+        "noisy, epoch 1 | noisy, epoch 5 | noisy, last | first epoch > 10% of clean off | "
+        "mean w clean / noisy, last | clean with w < 0.5, last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lab in sorted(curves):
         c, n = np.array(curves[lab]["clean"]), np.array(curves[lab]["noisy"])
@@ -285,7 +292,9 @@ def b_switch_off(folder: Path, figures: Path | None) -> list[str]:
         lines.append(
             f"| {lab} | {mean_std(list(c[:, 0]))} | {mean_std(list(c[:, 4]))} | "
             f"{mean_std(list(c[:, -1]))} | {mean_std(list(n[:, 0]))} | {mean_std(list(n[:, 4]))} | "
-            f"{mean_std(list(n[:, -1]))} | {', '.join(first)} |"
+            f"{mean_std(list(n[:, -1]))} | {', '.join(first)} | "
+            f"{mean_std(curves[lab]['w_clean'], 2)} / {mean_std(curves[lab]['w_noisy'], 2)} | "
+            f"{mean_std(curves[lab]['half_clean'])} |"
         )
     if figures is not None and curves:
         import matplotlib
@@ -319,6 +328,8 @@ def l2rw_collapse(folder: Path, figures: Path | None) -> list[str]:
         lab, res, pe = run["spec"]["label"], run["res"], run["pe"]
         acc = np.array([h["test"][next(iter(h["test"]))] for h in res["history"]])
         z[f"test {lab}"].append(acc)
+        # accuracy on the clean meta set it trains its weights on
+        z[f"val {lab}"].append(np.array([h["val"][next(iter(h["val"]))] for h in res["history"]]))
         if lab != "l2rw" or "weight_history" not in pe:
             continue
         wh = pe["weight_history"].astype(float)  # (epochs, n), NaN = not yet seen
@@ -344,6 +355,7 @@ def l2rw_collapse(folder: Path, figures: Path | None) -> list[str]:
         ("noisy", "zero weight, noisy examples"),
         ("smallest3", "zero weight, 3 smallest classes"),
         ("largest", "zero weight, largest class"),
+        ("val l2rw", "meta-set (validation) acc, l2rw"),
         ("test l2rw", "test acc, l2rw"),
         ("test ce", "test acc, ce"),
     ):
