@@ -18,3 +18,15 @@ lfm bench $MN --methods $M $V --noise uniform:0.4 --imbalance 1 --seeds 3 --no-p
 lfm bench $MN --methods $M $V --noise flip:0.2 --imbalance 10 --seeds 3 --no-progress --out "$OUT/mnist1d-imb10-flip0.2"
 lfm bench $MN --methods $M $V --noise none --imbalance 50 --seeds 3 --no-progress --out "$OUT/mnist1d-imb50"
 lfm bench $MN --methods $M $V --noise flip:0.4 --imbalance 1 --seeds 3 --no-progress --out "$OUT/mnist1d-flip0.4"
+# Second stage, added after the first stage's tables were seen (docs/RESULTS.md section 8):
+# w1-val-a-norm with b moving less per visit, on the same settings and seeds.
+if [[ "${STAGE2:-0}" == 1 ]]; then
+  E="$OUT-extra"
+  V2="--variant cand-a-slow=lfm:preset=w1-val-a-norm,b_lr=0.02"
+  lfm bench --dataset digits --model mlp --epochs 30 --select-per-class 20 --methods cand-a-slow $V2 \
+    --noise flip:0.4 --imbalance 1 --seeds 3 --no-progress --out "$E/digits-flip0.4"
+  lfm bench $MN --methods cand-a-slow $V2 --noise none --imbalance 50 --seeds 3 --no-progress --out "$E/mnist1d-imb50"
+  lfm bench $MN --methods cand-a-slow $V2 --noise flip:0.2 --imbalance 10 --seeds 3 --no-progress --out "$E/mnist1d-imb10-flip0.2"
+  lfm bench $MN --methods cand-a-slow $V2 --noise uniform:0.4 --imbalance 1 --seeds 3 --no-progress --out "$E/mnist1d-uniform0.4"
+  lfm bench $MN --methods cand-a-slow $V2 --noise flip:0.4 --imbalance 1 --seeds 3 --no-progress --out "$E/mnist1d-flip0.4"
+fi

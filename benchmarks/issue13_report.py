@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dr_variants import auroc  # noqa: E402  (the same AUROC as section 1's tables)
 
 # the LFM-DR pairs the choice is made among (bench labels of issue13_grid.sh)
-LFM_LABELS = ("lfm-w1-val", "cand-a", "cand-ab", "cand-abw")
+LFM_LABELS = ("lfm-w1-val", "cand-a", "cand-ab", "cand-abw", "cand-a-slow")
 PRESET_OF = {
     "lfm-w1-val": "w1-val",
     "cand-a": "w1-val-a-norm",
     "cand-ab": "w1-val-a-norm-b-norm",
     "cand-abw": "w1-val-a-norm-b-norm-warm",
+    "cand-a-slow": "w1-val-a-norm-slow-b",
 }
 OFF = 0.1  # an example is "switched off" when its stage-1 weight w_i is below this
 SETTING_ORDER = (
@@ -57,10 +58,12 @@ def mean_std(vals: list[float], digits: int = 3) -> str:
     return f"{np.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
 
-def load_runs(folder: Path) -> list[dict]:
-    """Every complete run of a bench folder: spec, results and per-example arrays."""
+def load_runs(folder: Path | list[Path]) -> list[dict]:
+    """Every complete run of a bench folder (or of several, one setting's): spec, results
+    and per-example arrays."""
     runs = []
-    for d in sorted((folder / "runs").iterdir()):
+    folders = folder if isinstance(folder, list) else [folder]
+    for d in sorted(d for f in folders if (f / "runs").is_dir() for d in (f / "runs").iterdir()):
         if not (d / "results.json").is_file():
             continue
         res = json.loads((d / "results.json").read_text())
@@ -82,7 +85,7 @@ def weight_of(label: str, pe: dict, res: dict) -> np.ndarray | None:
     return pe.get("weight")
 
 
-def cells(folder: Path) -> dict[str, dict[str, list[float]]]:
+def cells(folder: Path | list[Path]) -> dict[str, dict[str, list[float]]]:
     """(method [learner]) -> lists over seeds of select / test accuracy and AUROCs."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in load_runs(folder):
@@ -130,6 +133,8 @@ def choose(grid: dict[str, dict[str, dict[str, list[float]]]]) -> tuple[str, lis
     of that are split by their mean held-out accuracy over the settings. Test accuracy is not
     read. Returns the pair and the lines that show the computation."""
     pairs = [f"{lab} {ln}" for lab in LFM_LABELS for ln in ("W1", "W2")]
+    # a setting still running, with no LFM-DR run yet, cannot take part
+    grid = {k: c for k, c in grid.items() if any(p in c for p in pairs)}
     score = {}
     lines = [
         "| pair | " + " | ".join(grid) + " | worst | mean held-out acc |",
@@ -162,6 +167,8 @@ def target(grid: dict[str, dict[str, dict[str, list[float]]]], pair: str) -> lis
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in grid.items():
+        if pair not in c:  # still running
+            continue
         m = {k: float(np.mean(v["test"])) for k, v in c.items()}
         sd = {
             k: float(np.std(v["test"], ddof=1)) if len(v["test"]) > 1 else 0.0 for k, v in c.items()
@@ -259,9 +266,10 @@ def w2_imbalance(folder: Path, figures: Path | None) -> list[str]:
     return lines
 
 
-def b_switch_off(folder: Path, figures: Path | None) -> list[str]:
-    """Fraction of clean and of noisy examples whose stage-1 weight is below OFF, by epoch."""
-    runs = load_runs(folder)
+def b_switch_off(folder: Path, figures: Path | None, extra: tuple[Path, ...] = ()) -> list[str]:
+    """Fraction of clean and of noisy examples whose stage-1 weight is below OFF, by epoch
+    (runs of `folder` and of the same setting's folders under `extra`)."""
+    runs = load_runs([folder] + [e / folder.name for e in extra])
     curves: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         lab, res, pe = run["spec"]["label"], run["res"], run["pe"]
@@ -393,11 +401,14 @@ def main(argv: list[str] | None = None) -> None:
     """Print the tables, the choice, the target check and the diagnosis."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="the folder issue13_grid.sh wrote")
+    p.add_argument(
+        "--extra", type=Path, action="append", default=[], help="more runs of the same settings"
+    )
     p.add_argument("--figures", type=Path, default=None, help="write PNG figures here")
     p.add_argument("--no-diagnosis", action="store_true")
     a = p.parse_args(argv)
     folders = [a.root / s for s in SETTING_ORDER if (a.root / s / "runs").is_dir()]
-    grid = {f.name: cells(f) for f in folders}
+    grid = {f.name: cells([f] + [e / f.name for e in a.extra]) for f in folders}
     grid = {k: v for k, v in grid.items() if v}  # a setting still running has no runs yet
     for name, c in grid.items():
         print(table(name, c))
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(w2_imbalance(f, a.figures)) + "\n")
     for f in folders:
         if "flip" in f.name or "uniform" in f.name:
-            print("\n".join(b_switch_off(f, a.figures)) + "\n")
+            print("\n".join(b_switch_off(f, a.figures, tuple(a.extra))) + "\n")
     for f in folders:
         out = l2rw_collapse(f, a.figures)
         if out:
