@@ -49,6 +49,10 @@ Variants (`LFMConfig.variant`; they differ only in how b is driven, see SPEC.md 
 - `w1-val-a-norm-b-norm-warm` the same, and (its preset) b_warmup 0.2: b does not move in the
                  first fifth of the run, while W1 fits the easy, mostly clean examples and its
                  validation meta-gradient says little about which examples are wrong.
+- `w1-val-a-norm-slow-b` `w1-val-a-norm` with (its preset) b_lr 0.02 instead of 0.05: b moves
+                 at most about 0.02 each time an example is seen, so where the meta-gradient
+                 has little to find (uniform noise, where CE is near its clean accuracy) b cannot
+                 pull W1 toward the small meta set, at the price of a smaller gain elsewhere.
 The measurements that chose among them are docs/RESULTS.md section 8.
 
 Which per-example array flags wrong labels (`SIGNAL_KEY`, the default of `lfm suspects`): `b` for
@@ -152,16 +156,19 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "w1-val-a-norm": ("w2+w1val", True),
     "w1-val-a-norm-b-norm": ("w2+w1val", True),
     "w1-val-a-norm-b-norm-warm": ("w2+w1val", True),
+    "w1-val-a-norm-slow-b": ("w2+w1val", True),
 }
 OPTIMS = ("adam", "sgd")
 # b's optimizer may also be the authors' `optimizer_b` (`AuthorsSGD`)
 B_OPTIMS = (*OPTIMS, "authors-sgd")
 B_INDEX = ("example", "position")
 # The variant run wherever none is named (API, `lfm dr`, `lfm train --method lfm`, `lfm bench`,
-# configs). Picked on validation accuracy of the MNIST-1D suites in docs/RESULTS.md (40% flip
-# noise and imbalance 50, 3 seeds), where it ties with its control w1-val-only and beats the
-# faithful `paper` form; `preset=paper` runs the paper's.
-RECOMMENDED = "w1-val"
+# configs), reporting W1. Chosen in docs/RESULTS.md section 8 on held-out clean data only
+# (--select-per-class, which no method trains on) over five noise / imbalance settings: the
+# one LFM-DR learner whose worst setting is least below plain CE (-0.002 held out; on test
+# never more than 0.4 points below CE). `w1-val-a-norm` gains more where labels are flipped
+# but is 1.3 points below CE under uniform noise; `preset=paper` runs the paper's form.
+RECOMMENDED = "w1-val-a-norm-slow-b"
 # variant -> the per-example array that ranks noisy labels low (module docstring, RESULTS.md)
 SIGNAL_KEY: dict[str, str] = {
     "paper": "a",
@@ -174,6 +181,7 @@ SIGNAL_KEY: dict[str, str] = {
     "w1-val-a-norm": "b",
     "w1-val-a-norm-b-norm": "b",
     "w1-val-a-norm-b-norm-warm": "b",
+    "w1-val-a-norm-slow-b": "b",
 }
 
 
@@ -370,6 +378,8 @@ PRESETS: dict[str, LFMConfig] = {
     "w1-val-a-norm-b-norm-warm": LFMConfig(
         variant="w1-val-a-norm-b-norm-warm", b_mode="batch-normalised", b_warmup=0.2
     ),
+    # ... or w1-val-a-norm with b moving 0.02 a visit instead of 0.05 (issue 13's second stage)
+    "w1-val-a-norm-slow-b": LFMConfig(variant="w1-val-a-norm-slow-b", b_lr=0.02),
     "ps": LFMConfig(variant="paper", encoder="shared"),  # paper + parameter sharing (Table X)
     "fast": LFMConfig(
         variant="paper", encoder="head", backend="fd"
