@@ -181,6 +181,11 @@ CASES = {
     "a-normalised": dict(opts=dict(a_norm=True)),
     "w2+w1val": dict(opts=dict(b_path="w2+w1val", w1_val_weight=0.7)),
     "w1val": dict(opts=dict(b_path="w1val", w1_val_weight=0.7)),
+    # issue-13 candidates: w1-val's b path with a / mean(a), and with b / mean(b) as well
+    "w1-val-a-norm": dict(sgd="momentum-wd", opts=dict(b_path="w2+w1val", a_norm=True)),
+    "w1-val-a-norm-b-norm": dict(
+        sgd="momentum-wd", opts=dict(b_path="w2+w1val", a_norm=True, b_mode="batch-normalised")
+    ),
     "bank": dict(bank=True),
     "head-encoder": dict(head=True),
     "shared": dict(shared=True, sgd="momentum-wd"),

@@ -18,6 +18,7 @@ _DATA = {
     "data_root": "root",
     "val_per_class": "val_per_class",
     "val_fraction": "val_fraction",
+    "select_per_class": "select_per_class",
     "imbalance": "imbalance",
     "imbalance_convention": "imbalance_convention",
     "noise": "noise",
@@ -83,6 +84,12 @@ def add_run_args(p: argparse.ArgumentParser, methods: list[str] | None = None) -
         "--val-fraction",
         type=float,
         help="instead, this random fraction of train as validation (0.5 = NAS split)",
+    )
+    g.add_argument(
+        "--select-per-class",
+        type=int,
+        help="clean examples per class held out of all training, for choosing among methods "
+        "(default 0: none)",
     )
     g.add_argument(
         "--imbalance",

@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=RECOMMENDED,
         help=f"LFM-DR variant (default {RECOMMENDED}, chosen on validation data, see "
         "docs/RESULTS.md): paper (faithful to the paper), authors-code (the authors' public "
-        "code's b rule), own-grad-chain-rule, a-normalised, a-only, w1-val, w1-val-only",
+        "code's b rule), own-grad-chain-rule, a-normalised, a-only, w1-val, w1-val-only, "
+        "w1-val-a-norm, w1-val-a-norm-b-norm, w1-val-a-norm-b-norm-warm, w1-val-a-norm-slow-b",
     )
     g.add_argument(
         "--backend",

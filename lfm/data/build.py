@@ -94,6 +94,18 @@ def build_data(cfg: DataConfig) -> DataBundle:
     else:
         val_idx, rest = take_per_class(y_src, cfg.val_per_class, derive_seed(cfg.seed, "val"), c)
 
+    # 2b. the held-out selection set (clean, balanced), from what the validation set left
+    select_idx = None
+    if cfg.select_per_class > 0:
+        picked, kept = take_per_class(
+            y_src[rest],
+            cfg.select_per_class,
+            derive_seed(cfg.seed, "select"),
+            c,
+            flag="--select-per-class",
+        )
+        select_idx, rest = rest[picked], rest[kept]
+
     # 3. long tail on what is left
     available = torch.bincount(y_src[rest], minlength=c).tolist()
     img_max = None
@@ -124,13 +136,20 @@ def build_data(cfg: DataConfig) -> DataBundle:
     xv = in_memory(take(raw.x_train, val_idx))
     val = Split(xv, yv, raw.origin_train[val_idx], yv.clone())
     test = Split(raw.x_test, raw.y_test, raw.origin_test, raw.y_test.clone())
+    select = None
+    if select_idx is not None:
+        ys = y_src[select_idx]
+        select = Split(
+            in_memory(take(raw.x_train, select_idx)), ys, raw.origin_train[select_idx], ys.clone()
+        )
 
     noisy = train.noisy
     info = {
         "dataset": raw.name,
         "num_classes": c,
         "input_shape": list(raw.input_shape),
-        "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+        "sizes": {"train": len(train), "val": len(val), "test": len(test)}
+        | ({} if select is None else {"select": len(select)}),
         "source_sizes": {"train": len(raw.y_train), "test": len(raw.y_test)},
         "train_class_counts": torch.bincount(y_clean, minlength=c).tolist(),
         "train_class_counts_noisy": torch.bincount(y_noisy, minlength=c).tolist(),
@@ -138,6 +157,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         "test_class_counts": torch.bincount(raw.y_test, minlength=c).tolist(),
         "val_per_class": cfg.val_per_class if cfg.val_fraction == 0 else 0,
         "val_fraction": cfg.val_fraction,
+        "select_per_class": cfg.select_per_class,
         "imbalance": cfg.imbalance,
         "imbalance_convention": cfg.imbalance_convention,
         "img_max": img_max,
@@ -158,4 +178,5 @@ def build_data(cfg: DataConfig) -> DataBundle:
         test=test,
         prepare=raw.prepare,
         info=info,
+        select=select,
     )

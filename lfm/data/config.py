@@ -34,6 +34,10 @@ class DataConfig:
     val_per_class: int = 10
     # 0 = off; 0.5 is the paper's NAS protocol (25k train / 25k val of CIFAR's 50k).
     val_fraction: float = 0.0
+    # 0 = none. A second clean set per class, taken out of train after the validation set and
+    # used by nothing during training (no method, no meta-step sees it): choosing among methods
+    # on it does not reward the methods that fit the clean validation set (issue 13).
+    select_per_class: int = 0
     # 1 = balanced; the paper sweeps 200/100/50/20/10/1 (Table VI).
     imbalance: float = 1.0
     # mwnet reproduces the Meta-Weight-Net per-class counts the paper's Table VI compares with.
@@ -75,6 +79,7 @@ class DataConfig:
                 f"pass {flag('root')} PATH (nothing is downloaded)",
             )
         _int(self, "val_per_class", lo=0)
+        _int(self, "select_per_class", lo=0)
         _float(self, "val_fraction", lo=0.0, hi=1.0, hi_open=True)
         if self.val_fraction > 0 and self.val_per_class > 0:
             raise LFMError(

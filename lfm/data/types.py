@@ -99,6 +99,9 @@ class DataBundle:
     # Maps a raw batch (on device) to model input; `train=True` adds augmentation.
     prepare: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
     info: dict = field(default_factory=dict)  # how it was built: imbalance, noise, counts
+    # Clean examples no method trains or meta-trains on (`DataConfig.select_per_class`), for
+    # choosing among methods; None when not asked for.
+    select: Split | None = None
 
     def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Raw stored examples -> float model input (normalised, augmented when training)."""

@@ -500,6 +500,10 @@ class Trainer:
                 self.evaluate_all(self.bundle.test),
             )
         val, test = self._last_eval
+        # the held-out selection set (DataConfig.select_per_class), at the last epoch only:
+        # it chooses among methods, which the last epoch's learners are
+        sel = self.bundle.select
+        held = self.evaluate_all(sel) if sel is not None and len(sel) else None
         names = list(self.method.models())
         segments = [*self.segments, self._segment()]
         if self.segments and self.segments[-1]["to_step"] == self.ctx.step:
@@ -521,6 +525,7 @@ class Trainer:
                     "test_per_class_acc": test[n]["per_class_acc"],
                     "test_confusion": test[n]["confusion"],
                 }
+                | ({} if held is None else {"select_acc": held[n]["acc"]})
                 for n in names
             },
             "selected": {n: _select_on_validation(self.history, n) for n in names},
