@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 from lfm.nas.bench1d import load
+from lfm.nas.space1d import parse_arch
 from lfm.nas.space_search import (
     SPACE_METHODS,
     base_config,
+    kendall_tau,
     mean_cell_seconds,
     random_sampling,
     run_method,
@@ -53,6 +55,7 @@ COLUMNS = [
     ("rank", "rank /125", 1),
     ("percentile", "percentile", 1),
     ("tau", "Kendall tau", 2),
+    ("tau_none", "tau vs #none", 2),
     ("param_free", "param-free ops", 1),
     ("seconds", "seconds", 0),
     ("cell_trainings", "cell trainings", 1),
@@ -60,7 +63,16 @@ COLUMNS = [
 
 
 def _record(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A run's record, with `tau_none`: Kendall tau between the method's scores of all cells
+    and their count of `none` edges (the table's own is -0.27: `none` hurts), NaN if unscored."""
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    scores = rec.get("scores") or {}
+    archs = sorted(scores)
+    nones = [sum(op == "none" for op in parse_arch(a)) for a in archs]
+    rec["tau_none"] = kendall_tau([scores[a] for a in archs], nones) if archs else math.nan
+    return rec
 
 
 def run_all(out: Path, seeds: list[int], settings: list[str], methods: list[str]) -> None:

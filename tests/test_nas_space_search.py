@@ -118,10 +118,11 @@ def test_each_method_runs_end_to_end_and_returns_its_best_scored_cell(tiny, name
     assert len(set(found.scores.values())) > 1  # the method scored cells apart
 
 
-def test_lfm_authors_form_changes_the_search(tiny):
+@pytest.mark.parametrize("encoder", ["full", "shared"])
+def test_lfm_authors_form_changes_the_search(tiny, encoder):
     """The switch reaches the hypergradient: the two forms end at different alphas."""
-    paper = run_search(tiny, _tiny_cfg(method="lfm-darts", encoder="shared"))
-    authors = run_search(tiny, _tiny_cfg(method="lfm-darts", encoder="shared", lfm_form="authors"))
+    paper = run_search(tiny, _tiny_cfg(method="lfm-darts", encoder=encoder))
+    authors = run_search(tiny, _tiny_cfg(method="lfm-darts", encoder=encoder, lfm_form="authors"))
     assert not torch.allclose(paper.alphas[0], authors.alphas[0], rtol=0, atol=1e-9)
 
 

@@ -201,6 +201,7 @@ def rsws(bundle: DataBundle, cfg: SearchConfig) -> Found:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
     scores = {a: one_shot_accuracy(net, bundle.val, a) for a in all_archs()}
+    # mutant rsws-worst-cell: `max(scores` -> `min(scores` | nas_space_search:rsws
     best = max(scores, key=lambda a: (scores[a], a))  # ties broken by name, not by chance
     return Found("rsws", cfg.seed, best, time.perf_counter() - t0, scores)
 
@@ -242,6 +243,8 @@ def random_sampling(
                 trained[a] = (res["val"], res["seconds"])
         val = {a: trained[a][0] for a in drawn}
         seconds = sum(trained[a][1] for a in drawn)
+    # mutant random-sampling-by-test: `(val[a], a)` -> `(lookup(a, table)["test"], a)`
+    #   | nas_space_search:random_sampling
     best = max(drawn, key=lambda a: (val[a], a))
     return Found(f"random-{k}", seed, best, seconds, {}, {"k": len(drawn)})
 
@@ -278,6 +281,7 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
                 ties_a += 1
             elif db == 0:
                 ties_b += 1
+            # mutant kendall-tau-sign: `da == db` -> `da != db` | nas_space_search:kendall
             elif da == db:
                 conc += 1
             else:
@@ -304,6 +308,8 @@ def score(found: Found, table: dict | None = None) -> dict:
         "arch": found.arch,
         "test": mine,
         "val": lookup(found.arch, table)["val"],
+        # mutant regret-vs-worst: `best - mine` -> `mine - min(test.values())`
+        #   | nas_space_search:hand_made
         "regret": best - mine,
         "rank": rank,
         "percentile": 100.0 * (n - rank) / (n - 1),  # 100: the best cell, 0: the worst

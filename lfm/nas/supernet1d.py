@@ -60,6 +60,8 @@ class MixedOp1d(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor | None, k: int | None = None):
         """Weights w (k,) mix every candidate; or candidate `k` alone (a sampled path)."""
         if k is not None:
+            # mutant path-runs-first-op: `self._run(k, x)` -> `self._run(0, x)`
+            #   | nas_space_search:one_hot
             return self._run(k, x)
         out = None
         for i, name in enumerate(self.names):
