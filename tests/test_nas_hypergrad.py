@@ -154,8 +154,12 @@ def _encoder() -> nn.Module:
     return batch_stats_only(enc).double()
 
 
-def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, masks=None):
-    """Autograd through W1' -> u -> a -> W2' -> L_val, every step built with create_graph."""
+def _lfm_reference(
+    net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, masks=None, u_alpha=True
+):
+    """Autograd through W1' -> u -> a -> W2' -> L_val, every step built with create_graph.
+
+    u_alpha=False: u's forward pass reads a detached copy of alpha (the authors' code)."""
     (xt, yt), (xv, yv) = train, val
     a_ = tuple(t.clone().requires_grad_(True) for t in alphas)
     rl = r.clone().requires_grad_(True)
@@ -166,8 +170,9 @@ def _lfm_reference(net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, ma
         l1 = ce_loss(net, w1l, a_, xt, yt)
     g1 = torch.autograd.grad(l1, list(w1l.values()), create_graph=True)
     w1p = _step(sgd1, w1l, dict(zip(w1l, g1, strict=True)))
+    a_u = a_ if u_alpha else tuple(t.detach() for t in a_)
     with _on(masks, "val"):
-        u = ce_loss(net, w1p, a_, xv, yv, reduction="none")
+        u = ce_loss(net, w1p, a_u, xv, yv, reduction="none")
     emb = torch.func.functional_call(enc, e, (torch.cat([xt, xv]),))
     x = torch.softmax(emb[:4] @ emb[4:].T, dim=1)
     z = (yt[:, None] == yv[None]).double()
@@ -215,7 +220,7 @@ def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropou
     assert _rel(ge, re) < tol, ("V", _rel(ge, re))
 
 
-def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
+def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None, u_alpha=True):
     """Autograd through the parameter-sharing unroll (see lfm_nas_grad_shared) with create_graph.
 
     a is a data weight in stage 2: it depends on alpha (through u) but W2's step does not
@@ -233,8 +238,9 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None):
         f_tr, (o1, _) = fc(net, wc, (xt, a_), {"all_heads": True})
     gh1 = torch.autograd.grad(F.cross_entropy(o1, yt), [wc[k] for k in k1], create_graph=True)
     h1p = _step(sgd, {k: wc[k] for k in k1}, dict(zip(k1, gh1, strict=True)))
+    a_u = a_ if u_alpha else tuple(t.detach() for t in a_)  # the authors' form: a copy in u
     with _on(masks, "val"):
-        f_val = fc(net, wc, (xv, a_), {"all_heads": True})[0]
+        f_val = fc(net, wc, (xv, a_u), {"all_heads": True})[0]
     u = F.cross_entropy(F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"]), yv,
                         reduction="none")  # fmt: skip
     x = torch.softmax(f_tr.detach() @ f_val.detach().T, dim=1)
@@ -274,3 +280,44 @@ def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol,
     for g, ref in zip(got.alphas, ref_a, strict=True):
         assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
     assert _rel(got.r, ref_r) < tol, ("r", _rel(got.r, ref_r))
+
+
+# ------------------------------------------------------------- the authors' form (issue 12)
+
+
+@pytest.mark.parametrize("backend,smooth,fd_scale,tol", [("exact", False, 0.01, 1e-6),
+                                                         ("fd", True, 0.01, 1e-3)])  # fmt: skip
+def test_lfm_darts_authors_form_matches_unrolled_graph_with_u_on_a_copy_of_alpha(
+    backend, smooth, fd_scale, tol
+):
+    """u_alpha=False is autograd through the unroll whose u reads a detached alpha, and it is
+    a different gradient from the paper's (the du/dalpha term is not zero here)."""
+    net, w1, alphas, sgd1, train, val = _setup(smooth=smooth)
+    w2 = {k: t + 0.05 * torch.randn_like(t) for k, t in w1.items()}
+    sgd2 = _sgd(0.03, 0.9, 3e-4, {k: 0.1 * torch.randn_like(t) for k, t in w2.items()})
+    r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
+    enc = _encoder()
+    encp = {k: p.detach().clone() for k, p in enc.named_parameters()}
+    args = (net, w1, w2, alphas, r, train, val, sgd1, sgd2, enc, encp, backend)
+    ref_a, ref_r, _ = _lfm_reference(
+        net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, u_alpha=False
+    )
+    got = lfm_nas_grad(*args, fd_scale=fd_scale, u_alpha=False)
+    paper = lfm_nas_grad(*args, fd_scale=fd_scale)
+    for g, ref, p in zip(got.alphas, ref_a, paper.alphas, strict=True):
+        assert _rel(g, ref) < tol, ("alpha", _rel(g, ref))
+        if backend == "exact":  # the du/dalpha term is small (relative 1e-4 here): beyond fd's tol
+            assert _rel(g, p) > 10 * tol, "the switch changed nothing"
+    assert _rel(got.r, ref_r) < tol  # r's gradient is the same in both forms
+
+
+def test_lfm_darts_shared_authors_form_matches_unrolled_graph():
+    net, w, alphas, sgd, train, val = _setup(heads=2)
+    r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)
+    ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val, u_alpha=False)
+    got = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, "exact", u_alpha=False)
+    paper = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, "exact")
+    for g, ref, p in zip(got.alphas, ref_a, paper.alphas, strict=True):
+        assert _rel(g, ref) < 1e-6, ("alpha", _rel(g, ref))
+        assert _rel(g, p) > 1e-5, "the switch changed nothing"
+    assert _rel(got.r, ref_r) < 1e-6

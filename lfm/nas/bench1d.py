@@ -68,8 +68,14 @@ def _accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((net(x).argmax(1) == y).float().mean())
 
 
-def train_cell(arch: str, seed: int, protocol: Protocol = PROTOCOL) -> dict[str, float]:
+def train_cell(
+    arch: str, seed: int, protocol: Protocol = PROTOCOL, train_labels: torch.Tensor | None = None
+) -> dict[str, float]:
     """Train `arch` once under `protocol`; its last-epoch accuracies, size and time.
+
+    `train_labels` replaces the training split's labels (e.g. noisy ones, for random sampling
+    in a noisy search setting); validation and test labels stay clean. `train` accuracy is then
+    measured against the labels trained on.
 
     Example
     -------
@@ -77,6 +83,10 @@ def train_cell(arch: str, seed: int, protocol: Protocol = PROTOCOL) -> dict[str,
     """
     parse_arch(arch)
     x, y, xv, yv, xt, yt = _data(protocol)
+    if train_labels is not None:
+        if train_labels.shape != y.shape:
+            raise ValueError(f"train_labels must be shaped {tuple(y.shape)}")
+        y = train_labels.long()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = CellNet1d(arch, 10, protocol.channels, protocol.stages, protocol.cells)

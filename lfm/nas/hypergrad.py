@@ -198,6 +198,7 @@ def lfm_nas_grad(
     similarity: str = "dot",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
+    u_alpha: bool = True,
 ) -> LFMGrad:
     """One LFM-DARTS hypergradient with separate learners W1, W2 (`full` encoder mode).
 
@@ -212,6 +213,8 @@ def lfm_nas_grad(
       with v2 = dL/dW2', dL/da_i = grad_a <grad_W2 L2, J2^T v2>, h = (dL/da)(da/du) du/dW1',
       J^T the steps' pull-backs (-xi v for SGD).
     `net` is the supernet architecture; w1, w2 are its two weight sets; r is (m,) for the batch.
+    u_alpha=False is the authors' code (NAS/darts-lfm/architect_lfm.py): u's forward pass sees
+    a copy of alpha, so the (dL/da)(da/du)(du/dalpha) term is left out and the rest kept.
     """
     xt, yt = train
     xv, yv = val
@@ -238,7 +241,9 @@ def lfm_nas_grad(
     rl = r.detach().requires_grad_(True)
 
     def u_path() -> tuple[Tensor, Tensor]:
-        u = val_loss(w1p, a_, "none")  # (m,), graph to W1' and alpha
+        # mutant lfm-authors-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
+        #   | nas_hypergrad:authors
+        u = val_loss(w1p, a_ if u_alpha else a_d, "none")  # (m,), graph to W1' (and alpha)
         e_tr, e_val = _encode(encoder, encl, xt, xv)
         return _stage2_weights(e_tr, e_val, yt, yv, u, rl, similarity), u  # (n,), (m,)
 
@@ -311,6 +316,7 @@ def lfm_nas_grad_shared(
     similarity: str = "dot",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
+    u_alpha: bool = True,
 ) -> LFMGrad:
     """LFM-DARTS with parameter sharing (paper Table X): one body S, heads H1 (W1) and H2 (W2).
 
@@ -329,6 +335,9 @@ def lfm_nas_grad_shared(
     Memory: the u term is back-propagated after the W2' passes, from a recomputation, one batch
     at a time (validation body, then training body, with the features as the seam), so no two
     body graphs are ever alive together and peak memory stays at one body pass, as in DARTS.
+
+    u_alpha=False: the authors' form carried over (their code has no sharing variant): the
+    validation features in u see a copy of alpha; the path through H1' (training features) stays.
     """
     xt, yt = train
     xv, yv = val
@@ -391,7 +400,9 @@ def lfm_nas_grad_shared(
     # the u term, pass 2a: validation body with a graph to alpha; the training features enter
     # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
     f_trl = f_tr.requires_grad_(True)
-    f_val2 = body(wd, xv, a_, "val")[0]
+    # mutant lfm-authors-shared-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
+    #   | nas_hypergrad:authors
+    f_val2 = body(wd, xv, a_ if u_alpha else a_d, "val")[0]
     a2 = u_and_a(f_trl, f_val2, rl)[0]
     back = _grads_or_zeros(a2, [*a_, rl, f_trl], grad_outputs=d_a)
     del f_val2, a2

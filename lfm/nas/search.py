@@ -48,11 +48,17 @@ from lfm.models import MODELS, create_model
 from lfm.nas.genotypes import Genotype, derive_genotype, num_edges
 from lfm.nas.hypergrad import LFMGrad, darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
 from lfm.nas.ops import PRIMITIVES
+from lfm.nas.space1d import EDGES, OPS_1D
 from lfm.nas.supernet import Supernet, batch_stats_only, image_input
+from lfm.nas.supernet1d import Supernet1d, derive_arch
 from lfm.registry import Registry
 from lfm.train import distributed
 
 ENCODERS = ("full", "shared")
+# darts: the DARTS space (8 ops, 14-edge normal and reduction cells, a Genotype);
+# cell1d: the 125 cells of lfm.nas.space1d on sequences (lfm.nas.supernet1d, an arch string)
+SPACES = ("darts", "cell1d")
+LFM_FORMS = ("paper", "authors")
 
 
 @dataclass
@@ -94,6 +100,10 @@ class SearchConfig:
     vr_lr: float = 3e-4  # Adam lr of V and r (r: lazy per-entry Adam, as in data reweighting)
     r_init: float = 1.0  # initial r_j: a_i starts at sigmoid(sum_j x z u) > 0.5
     seed: int = 0  # everything random (init, batch order) derives from it
+    space: str = "darts"  # a name in SPACES; cell1d needs 1-D inputs and e.g. encoder_model=cnn1d
+    # paper: every term of dL_val/dalpha; authors: their NAS/darts-lfm/architect_lfm.py, where u
+    # (and so a) sees a copy of alpha, so the du/dalpha term is missing (issue 12)
+    lfm_form: str = "paper"
 
     def validate(self) -> None:
         """Raise LFMError naming the first bad field."""
@@ -127,6 +137,11 @@ class SearchConfig:
             raise bad("w_wd/arch_wd", (self.w_wd, self.arch_wd), "use values >= 0")
         if not all(0 <= b < 1 for b in self.arch_betas) or len(self.arch_betas) != 2:
             raise bad("arch_betas", self.arch_betas, "use two values in [0, 1), e.g. (0.5, 0.999)")
+        if self.space not in SPACES:
+            raise bad("space", self.space, f"use one of {SPACES}")
+        if self.lfm_form not in LFM_FORMS:
+            raise bad("lfm_form", self.lfm_form, f"use one of {LFM_FORMS}")
+        progressive = self.method.endswith("pdarts")  # DARTS has no warm-up epochs
         n = len(self.stage_layers)
         if n < 1 or len(self.stage_ops) != n or len(self.skip_dropout) != n:
             raise bad(
@@ -136,16 +151,14 @@ class SearchConfig:
             )
         if any(n_ < 1 for n_ in self.stage_layers):
             raise bad("stage_layers", self.stage_layers, "use positive cell counts")
-        ops = (len(PRIMITIVES), *self.stage_ops)
-        if any(b > a for a, b in zip(ops, ops[1:], strict=False)) or min(self.stage_ops) < 1:
-            raise bad(
-                "stage_ops", self.stage_ops, f"use non-increasing counts in 1..{len(PRIMITIVES)}"
-            )
+        ops = (len(_space_ops(self)[0][0]), *self.stage_ops)
+        bad_ops = any(b > a for a, b in zip(ops, ops[1:], strict=False)) or min(ops) < 1
+        if bad_ops and (self.space == "darts" or progressive):  # cell1d's DARTS: stage_ops unused
+            raise bad("stage_ops", self.stage_ops, f"use non-increasing counts in 1..{ops[0]}")
         if self.stage_ops[-1] < 2 and "none" in PRIMITIVES:
             raise bad("stage_ops", self.stage_ops, "keep >= 2 candidates in the last stage")
         if any(not 0 <= p < 1 for p in self.skip_dropout):
             raise bad("skip_dropout", self.skip_dropout, "use rates in [0, 1)")
-        progressive = self.method.endswith("pdarts")  # DARTS has no warm-up epochs
         if self.warmup_epochs < 0 or (progressive and self.warmup_epochs >= self.epochs):
             raise bad(
                 "warmup_epochs",
@@ -196,7 +209,7 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
 class SearchResult:
     """A search's output: the genotype, the final alphas and per-epoch history."""
 
-    genotype: Genotype
+    genotype: Genotype | str  # an arch string of lfm.nas.space1d in the cell1d space
     alphas: tuple[torch.Tensor, torch.Tensor]  # last stage's (alpha_normal, alpha_reduce)
     normal_ops: list[list[str]]  # each edge's candidates in the last stage (alpha's columns)
     reduce_ops: list[list[str]]
@@ -254,9 +267,23 @@ def _norm(ts) -> float:
     return float(torch.sqrt(sum((t.detach().float() ** 2).sum() for t in ts)))
 
 
+def _space_ops(cfg: SearchConfig) -> tuple[list[list[str]], list[list[str]]]:
+    """Every edge's candidates (normal, reduce) in cfg.space; cell1d has no reduction cell."""
+    if cfg.space == "cell1d":
+        return [list(OPS_1D)] * len(EDGES), []
+    return [list(PRIMITIVES)] * num_edges(), [list(PRIMITIVES)] * num_edges()
+
+
+def _derive(cfg: SearchConfig, alphas, normal_ops, reduce_ops, max_skip=None) -> Genotype | str:
+    """The genotype (darts) or the arch string (cell1d) of the alphas."""
+    if cfg.space == "cell1d":
+        return derive_arch(alphas[0], normal_ops, max_skip)
+    return derive_genotype(*alphas, normal_ops, reduce_ops, max_skip_normal=max_skip)
+
+
 def _plan(cfg: SearchConfig, progressive: bool) -> list[_Stage]:
     if not progressive:
-        return [_Stage(cfg.layers, len(PRIMITIVES), cfg.epochs, 0, 0.0)]
+        return [_Stage(cfg.layers, len(_space_ops(cfg)[0][0]), cfg.epochs, 0, 0.0)]
     return [
         _Stage(n, k, cfg.epochs, cfg.warmup_epochs, p)
         for n, k, p in zip(cfg.stage_layers, cfg.stage_ops, cfg.skip_dropout, strict=True)
@@ -271,10 +298,15 @@ class _Learners:
 
     def __init__(self, cfg, bundle, stage, normal_ops, reduce_ops, lfm: bool, device, gen):
         self.cfg, self.lfm, self.device = cfg, lfm, device
-        shape = image_input(bundle.input_shape)
+        cell1d = cfg.space == "cell1d"
+        shape = tuple(bundle.input_shape) if cell1d else image_input(bundle.input_shape)
         shared = lfm and cfg.encoder == "shared"
 
-        def net(heads: int = 1) -> Supernet:
+        def net(heads: int = 1) -> Supernet | Supernet1d:
+            if cell1d:
+                return Supernet1d(
+                    cfg.C, bundle.num_classes, stage.layers, edge_ops=normal_ops, heads=heads
+                ).to(device)
             return Supernet(
                 cfg.C,
                 bundle.num_classes,
@@ -423,6 +455,7 @@ class _Learners:
                 cfg.backend,
                 cfg.similarity,
                 cfg.fd_scale,
+                u_alpha=cfg.lfm_form == "paper",
             )
             self._commit(self.net1, self.opt1, rule, g.step2)
         else:
@@ -443,6 +476,7 @@ class _Learners:
                 cfg.backend,
                 cfg.similarity,
                 cfg.fd_scale,
+                u_alpha=cfg.lfm_form == "paper",
             )
             # W1' and W2' of the hypergradient are the real steps (Algorithm 1)
             self._commit(self.net1, self.opt1, rule1, g.step1)
@@ -536,7 +570,8 @@ class SearchMethod(Method):
         if self.cfg is None:
             self.cfg = search_config(self.name, ctx.options)
         cfg = self.cfg
-        image_input(ctx.bundle.input_shape)
+        if cfg.space == "darts":
+            image_input(ctx.bundle.input_shape)
         self.bundle, self.device = ctx.bundle, ctx.device
         self.stages = _plan(cfg, self.progressive)
         planned = sum(st.epochs for st in self.stages)
@@ -547,8 +582,7 @@ class SearchMethod(Method):
                 f"run it with lfm search (or pass --epochs {planned})",
             )
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        e = num_edges()
-        self.normal_ops, self.reduce_ops = [list(PRIMITIVES)] * e, [list(PRIMITIVES)] * e
+        self.normal_ops, self.reduce_ops = _space_ops(cfg)
         self.stage = 0
         self.learners = self._build()
         self.records: list[dict] = []
@@ -615,8 +649,8 @@ class SearchMethod(Method):
         }
         rec |= {k: v / max(self._n, 1) for k, v in self._sums.items()}
         rec["val_acc"] = self.learners.val_accuracy(self.bundle, self.cfg.batch_size)
-        alphas = self.learners.alphas
-        rec["genotype"] = derive_genotype(*alphas, self.normal_ops, self.reduce_ops).to_dict()
+        g = _derive(self.cfg, self.learners.alphas, self.normal_ops, self.reduce_ops)
+        rec["genotype"] = g.to_dict() if isinstance(g, Genotype) else g
         self.records.append(rec)
         self._sums, self._n = {}, 0
 
@@ -628,11 +662,9 @@ class SearchMethod(Method):
 
     def result(self) -> SearchResult:
         """The genotype (P-DARTS's cap on skip-connects applied), final alphas, history."""
-        genotype = derive_genotype(
-            *self.learners.alphas,
-            self.normal_ops,
-            self.reduce_ops,
-            max_skip_normal=self.cfg.max_skip if self.progressive else None,
+        max_skip = self.cfg.max_skip if self.progressive else None
+        genotype = _derive(
+            self.cfg, self.learners.alphas, self.normal_ops, self.reduce_ops, max_skip
         )
         alphas = tuple(t.detach().cpu() for t in self.learners.alphas)
         return SearchResult(genotype, alphas, self.normal_ops, self.reduce_ops, self.records)
@@ -641,7 +673,7 @@ class SearchMethod(Method):
         """results.json's `search` entry: the genotype, alphas, candidates, epoch records."""
         r = self.result()
         return {
-            "genotype": r.genotype.to_dict(),
+            "genotype": r.genotype.to_dict() if isinstance(r.genotype, Genotype) else r.genotype,
             "alphas": [a.tolist() for a in r.alphas],
             "normal_ops": r.normal_ops,
             "reduce_ops": r.reduce_ops,
