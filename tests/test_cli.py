@@ -131,3 +131,9 @@ def test_console_script_error_has_no_traceback():
         timeout=300,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "uniform:2" in out.stderr
+
+
+def test_the_renamed_hvp_flag_names_its_new_name(capsys):
+    """`lfm search --hvp fd` (the flag before issue 11) says what to pass instead."""
+    assert main(["search", "--hvp", "fd"]) == 2
+    assert "--hvp was renamed --backend. Fix: pass --backend fd" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(DARTS's finite differences, eps = 0.01 / ||v||; the darts-paper and pdarts-paper "
         "presets use it, as the papers did)",
     )
+    p.add_argument("--hvp", help=argparse.SUPPRESS)  # renamed --backend: a hint, not a crash
     p.add_argument(
         "--encoder",
         choices=["full", "shared"],
@@ -83,6 +84,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Search, then save and print the genotype."""
+    from lfm.errors import LFMError
+
+    if args.hvp is not None:
+        raise LFMError("--hvp was renamed --backend", f"pass --backend {args.hvp}")
     from lfm.nas import SearchConfig, config_from_preset
 
     cfg = config_with_overrides(
