@@ -112,7 +112,7 @@ def mixed_jvp(
 
     tangents = {k: v[k].to(t.dtype) for k, t in w.items()}  # autocast may hand bf16 vectors
     # forward over reverse does not run under autocast (functorch's duals meet bf16 casts):
-    # this pass is fp32, as the fd backend's always are
+    # this pass is fp32, as the per-example fd passes are
     dev = next(iter(w.values())).device.type if w else "cpu"
     with torch.autocast(device_type=dev if dev in ("cuda", "cpu") else "cpu", enabled=False):
         return tuple(jvp(grad_b, (w,), (tangents,))[1])
