@@ -154,6 +154,15 @@ def _encoder() -> nn.Module:
     return batch_stats_only(enc).double()
 
 
+# both LFM-DARTS forms' cases: exact, fd at DARTS's step on a smooth net, skip dropout, a clip
+LFM_CASES = [
+    ("exact", False, 0.01, 1e-6, 0.0, None),
+    ("fd", True, 0.01, 1e-3, 0.0, None),
+    ("exact", False, 0.01, 1e-6, 0.5, None),
+    ("exact", False, 0.01, 1e-6, 0.0, 0.05),
+]
+
+
 def _lfm_reference(
     net, w1, w2, alphas, r, enc, encp, sgd1, sgd2, train, val, masks=None, u_alpha=True
 ):
@@ -188,15 +197,7 @@ def _lfm_reference(
     return gr[:2], gr[2], dict(zip(keys, gr[3:], strict=True))
 
 
-@pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol,dropout,clip",
-    [
-        ("exact", False, 0.01, 1e-6, 0.0, None),
-        ("fd", True, 0.01, 1e-3, 0.0, None),
-        ("exact", False, 0.01, 1e-6, 0.5, None),
-        ("exact", False, 0.01, 1e-6, 0.0, 0.05),
-    ],
-)
+@pytest.mark.parametrize("backend,smooth,fd_scale,tol,dropout,clip", LFM_CASES)
 def test_lfm_darts_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout, clip):
     net, w1, alphas, sgd1, train, val = _setup(smooth=smooth, dropout=dropout, clip=clip)
     masks = SameMasks(7)
@@ -260,15 +261,7 @@ def _lfm_shared_reference(net, w, alphas, r, sgd, train, val, masks=None, u_alph
     return gr[:2], gr[2]
 
 
-@pytest.mark.parametrize(
-    "backend,smooth,fd_scale,tol,dropout,clip",
-    [
-        ("exact", False, 0.01, 1e-6, 0.0, None),
-        ("fd", True, 0.01, 1e-3, 0.0, None),
-        ("exact", False, 0.01, 1e-6, 0.5, None),
-        ("exact", False, 0.01, 1e-6, 0.0, 0.05),
-    ],
-)
+@pytest.mark.parametrize("backend,smooth,fd_scale,tol,dropout,clip", LFM_CASES)
 def test_lfm_darts_shared_matches_unrolled_graph(backend, smooth, fd_scale, tol, dropout, clip):
     net, w, alphas, sgd, train, val = _setup(heads=2, smooth=smooth, dropout=dropout, clip=clip)
     r = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)

@@ -124,6 +124,8 @@ class EvalMethod(Method):
 
     def setup(self, ctx: Context) -> None:
         """The network (seeded by the config), its SGD and the cutout generator."""
+        if distributed.world_size() > 1:  # its plain SGD step sums no gradients over ranks
+            raise LFMError("lfm evaluate runs in one process for now", "run it without torchrun")
         if self.cfg is None:  # a run that names the method: its options hold both
             self.genotype, self.cfg = eval_options(ctx.options)
             self.train_on = self.cfg.train_on
@@ -136,17 +138,17 @@ class EvalMethod(Method):
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.bundle, self.epochs = b, cfg.epochs
+        self.bundle = b
         self.records: list[dict] = []
         self._sums = [0.0, 0, 0]  # loss * n, correct, seen in this epoch
 
     def step(self, batch: Batch, ctx: Context) -> dict[str, float]:
         """One SGD step on the main + auxiliary loss."""
         cfg, epoch = self.cfg, ctx.epoch
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))  # cosine to 0
+        lr = self._lr(epoch)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.model.drop_path_prob = cfg.drop_path * epoch / self.epochs  # DARTS's linear ramp
+        self.model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
         x = self.bundle.inputs(batch.x, True)
         if cfg.cutout > 0:
             x = cutout(x, cfg.cutout, self.gen)
@@ -171,10 +173,13 @@ class EvalMethod(Method):
         """The epoch's record: lr, mean training loss and accuracy."""
         tot, correct, seen = self._sums
         e = ctx.epoch - 1
-        lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * e / self.epochs))
-        rec = {"epoch": e, "lr": lr, "train_loss": tot / max(seen, 1)}
+        rec = {"epoch": e, "lr": self._lr(e), "train_loss": tot / max(seen, 1)}
         self.records.append(rec | {"train_acc": correct / max(seen, 1)})
         self._sums = [0.0, 0, 0]
+
+    def _lr(self, epoch: int) -> float:
+        """DARTS's per-epoch cosine from lr to 0."""
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.cfg.epochs))
 
     def models(self) -> dict[str, nn.Module]:
         """The evaluation network (main logits)."""
@@ -232,8 +237,6 @@ def run_evaluate(
     from lfm.train.trainer import Trainer
 
     cfg.validate()
-    if distributed.world_size() > 1:
-        raise LFMError("lfm evaluate runs in one process for now", "run it without torchrun")
     method = EvalMethod(genotype, cfg)
     rc = RunConfig(
         method=EvalMethod.name,

@@ -288,6 +288,7 @@ class Trainer:
             if self.out
             else None
         )
+        self._fingerprint = data_fingerprint(bundle)  # hashes the labels: once, not per save
         self.metrics = MetricsLog(self.out if distributed.is_main() else None, cfg.tensorboard)
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
@@ -312,7 +313,7 @@ class Trainer:
 
     def _identity(self) -> dict[str, dict]:
         """The method's settings and the data's fingerprint: what a resume must match."""
-        return self.method.identity() | {"data": data_fingerprint(self.bundle)}
+        return self.method.identity() | {"data": self._fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run from `state_dict`'s output."""
