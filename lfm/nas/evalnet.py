@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lfm.models.split import bernoulli_rows, global_batch_norm
 from lfm.nas.genotypes import Genotype
 from lfm.nas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
 from lfm.nas.supernet import image_input, reduction_layers
@@ -29,7 +30,7 @@ def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
     if drop_prob <= 0.0:
         return x
     keep = 1.0 - drop_prob
-    mask = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
+    mask = bernoulli_rows(x, keep, (x.shape[0], 1, 1, 1))  # the whole batch's, under torchrun
     return x / keep * mask  # (B, C, H, W)
 
 
@@ -186,6 +187,7 @@ class NetworkCIFAR(nn.Module):
         )
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_p, num_classes)
+        global_batch_norm(self)  # under torchrun, statistics of the global batch
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, c_in, H, W) -> logits (B, classes), aux logits (B, classes) in training."""
@@ -242,6 +244,7 @@ class NetworkImageNet(nn.Module):
         self.auxiliary_head = AuxiliaryHeadImageNet(c_aux, num_classes) if auxiliary else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)  # 7x7 at 224 input, as DARTS's AvgPool2d(7)
         self.classifier = nn.Linear(c_p, num_classes)
+        global_batch_norm(self)  # under torchrun, statistics of the global batch
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, 3, 224, 224) -> logits (B, classes), aux logits in training."""

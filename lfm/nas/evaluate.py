@@ -28,6 +28,7 @@ from lfm.data.types import Batch, DataBundle
 from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.options import METHOD_CHECKS
+from lfm.models.split import rows
 from lfm.nas.evalnet import NetworkCIFAR, count_params, cutout
 from lfm.nas.genotypes import Genotype
 from lfm.train import distributed
@@ -124,8 +125,6 @@ class EvalMethod(Method):
 
     def setup(self, ctx: Context) -> None:
         """The network (seeded by the config), its SGD and the cutout generator."""
-        if distributed.world_size() > 1:  # its plain SGD step sums no gradients over ranks
-            raise LFMError("lfm evaluate runs in one process for now", "run it without torchrun")
         if self.cfg is None:  # a run that names the method: its options hold both
             self.genotype, self.cfg = eval_options(ctx.options)
             self.train_on = self.cfg.train_on
@@ -149,25 +148,35 @@ class EvalMethod(Method):
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs  # DARTS's linear ramp
-        x = self.bundle.inputs(batch.x, True)
+        # under torchrun: augment the whole batch as one process would, train on this
+        # process's rows (BatchNorm and drop-path over the global batch), sum the gradients
+        part = distributed.part_of(batch)
+        x = self.bundle.inputs(part.gather(batch.x), True)
         if cfg.cutout > 0:
             x = cutout(x, cfg.cutout, self.gen)
-        logits, aux = self.model(x)
-        loss = F.cross_entropy(logits, batch.y)
+        x, y = part.local(x), batch.y
+        with rows(part):
+            logits, aux = self.model(x)
+        loss = part.mean(F.cross_entropy(logits, y, reduction="none"))
         if aux is not None:
-            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, batch.y)
+            loss = loss + cfg.auxiliary_weight * part.mean(
+                F.cross_entropy(aux, y, reduction="none")
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        shown = [loss.detach(), (logits.argmax(1) == y).sum().double()]
+        if part.split:
+            ps = [p for p in self.model.parameters() if p.grad is not None]
+            *grads, loss_, correct_ = distributed.all_reduce_sum([p.grad for p in ps] + shown)
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g
+            shown = [loss_, correct_]
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         # mutant evaluate-step-dropped: drop | nas_search:evaluate
         self.opt.step()
-        correct = int((logits.argmax(1) == batch.y).sum())
-        self._sums = [
-            self._sums[0] + float(loss.detach()) * len(batch),
-            self._sums[1] + correct,
-            self._sums[2] + len(batch),
-        ]
-        return {"loss": float(loss.detach()), "train_acc": correct / max(len(batch), 1), "lr": lr}
+        mean_loss, correct, n = float(shown[0]), int(shown[1]), part.total
+        self._sums = [self._sums[0] + mean_loss * n, self._sums[1] + correct, self._sums[2] + n]
+        return {"loss": mean_loss, "train_acc": correct / max(n, 1), "lr": lr}
 
     def on_epoch_end(self, ctx: Context) -> None:
         """The epoch's record: lr, mean training loss and accuracy."""

@@ -21,6 +21,13 @@ The DARTS second-order alpha gradient (eq. 7), with J the step's Jacobian in g:
     v = grad_w' L_val(w', alpha);   for SGD J^T v = -xi c v (c the clip coefficient).
 The step's momentum buffer and weight decay do not depend on alpha, so they change w' but add
 no term. LFM-DARTS's W1' and W2' are the learners' real steps (the search commits them).
+
+Under torchrun (`part` split) every process holds the whole global training batch and the whole
+validation batch and runs the supernet on its own rows of the training batch only: each
+training loss is the process's share of the global mean (`Part.mean`, BatchNorm over the
+global batch through `lfm.models.split.rows`), and the gradients and mixed derivatives that
+come from it are summed over processes (`_summed`). Passes over the validation batch, the
+encoder and the weights a run whole on every process and agree without communication.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from lfm.engine.functional import Params
 from lfm.engine.hypergrad import mixed_grad
 from lfm.engine.virtual import StepRule, Unrolled, merged
 from lfm.errors import LFMError
+from lfm.models.split import rows
 from lfm.nas.supernet import Alphas
+from lfm.train.distributed import Part, all_reduce_sum, differentiable_sum
 
 
 class SameMasks:
@@ -83,6 +92,19 @@ def _grads_or_zeros(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs, strict=True))
 
 
+def _summed(part: Part, ts: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Sums over processes of per-process shares (one all-reduce); as they are when whole."""
+    return tuple(all_reduce_sum(list(ts))) if part.split else tuple(ts)
+
+
+def _rows_of(part: Part | None, train: tuple[Tensor, Tensor]) -> tuple[Part, Tensor, Tensor]:
+    """The part (whole by default) and this process's rows (x, y) of the training batch."""
+    part = part or Part.whole(len(train[1]))
+    if part.total != len(train[1]):
+        raise ValueError(f"part of {part.total} rows for a batch of {len(train[1])}")
+    return part, part.local(train[0]), part.local(train[1])
+
+
 def ce_loss(
     net: nn.Module,
     w: Params,
@@ -116,8 +138,13 @@ def darts_alpha_grad(
     backend: str = "exact",
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
+    part: Part | None = None,
 ) -> DartsGrad:
-    """DARTS's architecture gradient: first order (grad_alpha L_val(w)) or second order (eq. 7)."""
+    """DARTS's architecture gradient: first order (grad_alpha L_val(w)) or second order (eq. 7).
+
+    `train` is the whole training batch; `part` the rows of it this process trains on (module
+    docstring; default all of them).
+    """
     a = tuple(t.detach().requires_grad_(True) for t in alphas)
     masks = masks or SameMasks.draw(val[0].device)
     if order == 1:
@@ -128,21 +155,23 @@ def darts_alpha_grad(
         raise LFMError(
             "second-order DARTS needs the weight optimizer's step", "pass step=StepRule.of(...)"
         )
+    part, xt, yt = _rows_of(part, train)
     # virtual step w' = step(w, grad_w L_train(w, alpha)), no graph kept
     w0 = _detached_leaves(w)
 
     def train_loss(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
-        with masks.on("train"):
-            return ce_loss(net, ww, bb, *train)
+        with masks.on("train"), rows(part):
+            return part.mean(ce_loss(net, ww, bb, xt, yt, reduction="none"))
 
     g = torch.autograd.grad(train_loss(w0, tuple(t.detach() for t in a)), list(w0.values()))
+    g = _summed(part, g)
     u = step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)))
     w1 = _detached_leaves(u.params)
     with masks.on("val"):
         lv = ce_loss(net, w1, a, *val)
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
-    mixed = mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale)
+    mixed = _summed(part, mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale))
     # mutant darts-mixed-term-sign: `d + m` -> `d - m` | nas_hypergrad:darts_second
     d = tuple(d + m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
@@ -199,6 +228,7 @@ def lfm_nas_grad(
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
     u_alpha: bool = True,
+    part: Part | None = None,
 ) -> LFMGrad:
     """One LFM-DARTS hypergradient with separate learners W1, W2 (`full` encoder mode).
 
@@ -215,16 +245,19 @@ def lfm_nas_grad(
     `net` is the supernet architecture; w1, w2 are its two weight sets; r is (m,) for the batch.
     u_alpha=False is the authors' code (NAS/darts-lfm/architect_lfm.py): u's forward pass sees
     a copy of alpha, so the (dL/da)(da/du)(du/dalpha) term is left out and the rest kept.
+    `train` is the whole training batch, `part` this process's rows of it (module docstring):
+    the encoder and a are computed for the whole batch, the supernet passes for the rows.
     """
-    xt, yt = train
+    part, xt, yt = _rows_of(part, train)
     xv, yv = val
     a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
     a_d = tuple(t.detach() for t in alphas)
     masks = masks or SameMasks.draw(xt.device)
 
     def train_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
-        with masks.on("train"):
-            return ce_loss(net, ww, bb, xt, yt, reduction=reduction)
+        with masks.on("train"), rows(part):
+            losses = ce_loss(net, ww, bb, xt, yt, reduction="none")
+        return part.mean(losses) if reduction == "mean" else losses
 
     def val_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
         with masks.on("val"):
@@ -233,7 +266,8 @@ def lfm_nas_grad(
     # stage 1: W1' (no graph: the W1 term is a mixed derivative computed below)
     w1l = _detached_leaves(w1)
     l1 = train_loss(w1l, a_d)
-    g1 = dict(zip(w1l, torch.autograd.grad(l1, list(w1l.values())), strict=True))
+    *g1, l1 = _summed(part, [*torch.autograd.grad(l1, list(w1l.values())), l1.detach()])
+    g1 = dict(zip(w1l, g1, strict=True))
     s1 = step1({k: t.detach() for k, t in w1.items()}, g1)
     w1p = _detached_leaves(s1.params)
     # stage 2: u on the validation batch at W1', the weights a, and W2'
@@ -244,16 +278,17 @@ def lfm_nas_grad(
         # mutant lfm-authors-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
         #   | nas_hypergrad:authors
         u = val_loss(w1p, a_ if u_alpha else a_d, "none")  # (m,), graph to W1' (and alpha)
-        e_tr, e_val = _encode(encoder, encl, xt, xv)
-        return _stage2_weights(e_tr, e_val, yt, yv, u, rl, similarity), u  # (n,), (m,)
+        e_tr, e_val = _encode(encoder, encl, train[0], xv)  # the whole training batch
+        return _stage2_weights(e_tr, e_val, train[1], yv, u, rl, similarity), u  # (n,), (m,)
 
     # values first; the graph of the u-path is rebuilt at the end (one more forward on the
     # validation batch) rather than held through the W2' passes, to keep peak memory down
     with torch.no_grad():
         a, u = u_path()
     w2l = _detached_leaves(w2)
-    l2 = (a.detach() * train_loss(w2l, a_d, "none")).mean()
-    g2 = dict(zip(w2l, torch.autograd.grad(l2, list(w2l.values())), strict=True))
+    a_rows = part.local(a.detach())
+    l2 = part.mean(a_rows * train_loss(w2l, a_d, "none"))
+    g2 = dict(zip(w2l, _summed(part, torch.autograd.grad(l2, list(w2l.values()))), strict=True))
     s2 = step2({k: t.detach() for k, t in w2.items()}, g2)
     w2p = _detached_leaves(s2.params)
     # stage 3: validation loss at W2'
@@ -263,10 +298,10 @@ def lfm_nas_grad(
 
     # through W2': mixed derivative of L2 w.r.t. (alpha, a) along v2
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
-        return (bb[2] * train_loss(ww, (bb[0], bb[1]), "none")).mean()
+        return part.mean(bb[2] * train_loss(ww, (bb[0], bb[1]), "none"))
 
-    m2 = mixed_grad(f2, w2, (*a_d, a.detach()), s2.pull(v2), backend, fd_scale)
-    d_a = m2[2]  # (n,) dL/da
+    m2 = mixed_grad(f2, w2, (*a_d, a_rows), s2.pull(v2), backend, fd_scale)
+    d_a = part.gather(m2[2])  # (n,) dL/da of the whole batch: the u path below runs whole
     # back through a -> (u -> (alpha, W1'), x -> V, r)
     enc_keys = list(encl)
     back = _grads_or_zeros(
@@ -280,11 +315,13 @@ def lfm_nas_grad(
     d_r = back[-1]
     # through W1': mixed derivative of L1 w.r.t. alpha along h
     m1 = mixed_grad(train_loss, w1, a_d, s1.pull(h), backend, fd_scale)
+    both = _summed(part, [*m2[:2], *m1])
+    m2_alpha, m1 = both[:2], both[2:]
     d_alpha = tuple(
         # mutant lfm-darts-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
         # mutant lfm-darts-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
         d0 + m2_ + du + m1_
-        for d0, m2_, du, m1_ in zip(d_direct, m2[:2], d_u_alpha, m1, strict=True)
+        for d0, m2_, du, m1_ in zip(d_direct, m2_alpha, d_u_alpha, m1, strict=True)
     )
     return LFMGrad(
         d_alpha,
@@ -294,7 +331,7 @@ def lfm_nas_grad(
         s2,
         a.detach(),
         u.detach(),
-        float(l1.detach()),
+        float(l1),
         float(lv.detach()),
     )
 
@@ -317,6 +354,7 @@ def lfm_nas_grad_shared(
     fd_scale: float = 0.01,
     masks: SameMasks | None = None,
     u_alpha: bool = True,
+    part: Part | None = None,
 ) -> LFMGrad:
     """LFM-DARTS with parameter sharing (paper Table X): one body S, heads H1 (W1) and H2 (W2).
 
@@ -338,8 +376,13 @@ def lfm_nas_grad_shared(
 
     u_alpha=False: the authors' form carried over (their code has no sharing variant): the
     validation features in u see a copy of alpha; the path through H1' (training features) stays.
+
+    `train` is the whole training batch, `part` this process's rows (module docstring). The body
+    runs on the rows; a is computed for the rows (a_i needs only its own training features), and
+    H1's step sums its gradient over processes with `differentiable_sum`, whose backward sums
+    the processes' cotangents: each differentiates its own rows' share of the objective.
     """
-    xt, yt = train
+    part, xt, yt = _rows_of(part, train)
     xv, yv = val
     k1, k2 = head_keys(w, 0), head_keys(w, 1)
     ks = [k for k in w if k not in k1 and k not in k2]
@@ -352,15 +395,18 @@ def lfm_nas_grad_shared(
     masks = masks or SameMasks.draw(xt.device)
 
     def body(ww: Params, x: Tensor, a: tuple[Tensor, ...], batch: str, **kw):
-        with masks.on(batch):
+        with masks.on(batch), rows(part if batch == "train" else Part.whole(len(x))):
             return functional_call(net, ww, (x, a), kw or {"all_heads": True})
 
     def u_and_a(f_tr: Tensor, f_val: Tensor, r_: Tensor) -> tuple[Tensor, Tensor, Unrolled]:
         """Stage 1 on the heads and the weights a; differentiable in f_tr, f_val and r_."""
         h1l = _detached_leaves(h1)
-        l1 = F.cross_entropy(F.linear(f_tr, h1l["heads.0.weight"], h1l["heads.0.bias"]), yt)
+        logits1 = F.linear(f_tr, h1l["heads.0.weight"], h1l["heads.0.bias"])
+        l1 = part.mean(F.cross_entropy(logits1, yt, reduction="none"))
         need = f_tr.requires_grad  # H1' carries a graph to the features only when asked
         gh1 = torch.autograd.grad(l1, list(h1l.values()), create_graph=need)
+        if part.split:
+            gh1 = tuple(differentiable_sum(g) for g in gh1)
         s_h1 = step(h1, dict(zip(k1, gh1, strict=True)))
         h1p = s_h1.params
         logits = F.linear(f_val, h1p["heads.0.weight"], h1p["heads.0.bias"])
@@ -372,13 +418,14 @@ def lfm_nas_grad_shared(
     # step from the same body pass on the training batch
     wl = _detached_leaves(w)
     f_tr, (o1, o2) = body(wl, xt, a_d, "train")
-    l1 = F.cross_entropy(o1, yt)
+    l1 = part.mean(F.cross_entropy(o1, yt, reduction="none"))
     with torch.no_grad():
         f_val = body(wd, xv, a_d, "val")[0]
     with torch.enable_grad():
         a, u, s_h1 = u_and_a(f_tr.detach(), f_val, rl.detach())
-    l2 = (a.detach() * F.cross_entropy(o2, yt, reduction="none")).mean()
+    l2 = part.mean(a.detach() * F.cross_entropy(o2, yt, reduction="none"))
     grads = torch.autograd.grad(l1 + l2, [wl[k] for k in k_w2])  # H1's step came from u_and_a
+    *grads, l1 = _summed(part, [*grads, l1.detach()])
     g2 = {k: t.detach() for k, t in zip(k_w2, grads, strict=True)}
     f_tr, l1, a, u = f_tr.detach(), l1.detach(), a.detach(), u.detach()
     del o1, o2, l2, grads, wl  # let pass 1's graph go before the W2' passes
@@ -393,7 +440,8 @@ def lfm_nas_grad_shared(
 
     def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
         _, (p1, p2) = body(ww | h1, xt, (bb[0], bb[1]), "train")
-        return F.cross_entropy(p1, yt) + (bb[2] * F.cross_entropy(p2, yt, reduction="none")).mean()
+        l_1 = F.cross_entropy(p1, yt, reduction="none")
+        return part.mean(l_1 + bb[2] * F.cross_entropy(p2, yt, reduction="none"))
 
     m2 = mixed_grad(f2, w_w2, (*a_d, a), s2.pull(v2), backend, fd_scale)
     d_a = m2[2]
@@ -409,10 +457,13 @@ def lfm_nas_grad_shared(
     # pass 2b: training body with a graph to alpha, back-propagated from the seam
     f_tr2 = body(wd, xt, a_, "train")[0]
     d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
+    # every process holds its rows' share of these (the seam back[3] is its rows' own)
+    shares = _summed(part, [*m2[:2], *back[:2], back[2], *d_tr])
+    m_2, d_v, d_r, d_t = shares[:2], shares[2:4], shares[4], shares[5:]
     d_alpha = tuple(
         # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> `` | nas_hypergrad:shared
         d0 + m + dv + dt
-        for d0, m, dv, dt in zip(d_direct, m2[:2], back[:2], d_tr, strict=True)
+        for d0, m, dv, dt in zip(d_direct, m_2, d_v, d_t, strict=True)
     )
     both = merged(s_h1, s2)  # one real update of the shared network
-    return LFMGrad(d_alpha, back[2], None, None, both, a, u, float(l1), loss_val)
+    return LFMGrad(d_alpha, d_r, None, None, both, part.gather(a), u, float(l1), loss_val)

@@ -45,6 +45,7 @@ from lfm.errors import LFMError
 from lfm.methods.base import METHODS, Context, Method
 from lfm.methods.options import METHOD_CHECKS
 from lfm.models import MODELS, create_model
+from lfm.models.split import rows
 from lfm.nas.genotypes import Genotype, derive_genotype, num_edges
 from lfm.nas.hypergrad import LFMGrad, darts_alpha_grad, lfm_nas_grad, lfm_nas_grad_shared
 from lfm.nas.ops import PRIMITIVES
@@ -53,6 +54,7 @@ from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.nas.supernet1d import Supernet1d, derive_arch
 from lfm.registry import Registry
 from lfm.train import distributed
+from lfm.train.distributed import Part, all_reduce_sum
 
 ENCODERS = ("full", "shared")
 # darts: the DARTS space (8 ops, 14-edge normal and reduction cells, a Genotype);
@@ -387,38 +389,54 @@ class _Learners:
             if n is not None:
                 n.set_skip_dropout(p)
 
-    def _weights_only(self, xt, yt) -> dict:
-        """A plain weight step on CE (DARTS's weight step; P-DARTS warm-up; LFM warm-up, a = 1)."""
+    def _weights_only(self, xt, yt, part: Part) -> dict:
+        """A plain weight step on CE (DARTS's weight step; P-DARTS warm-up; LFM warm-up, a = 1),
+        on this process's rows of the training batch (xt, yt: the whole batch)."""
         a = tuple(t.detach() for t in self.alphas)
-        stats = {}
-        if self.shared:
-            _, (o1, o2) = self.net1(xt, a, all_heads=True)
-            loss = F.cross_entropy(o1, yt) + F.cross_entropy(o2, yt)
-            logits = o2
-        else:
-            logits = self.net1(xt, a)
-            loss = F.cross_entropy(logits, yt)
-            if self.net2 is not None:
-                logits = self.net2(xt, a)
-                loss = loss + F.cross_entropy(logits, yt)
+        xt, yt = part.local(xt), part.local(yt)
+
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            return part.mean(F.cross_entropy(logits, yt, reduction="none"))
+
+        with rows(part):
+            if self.shared:
+                _, (o1, o2) = self.net1(xt, a, all_heads=True)
+                loss = ce(o1) + ce(o2)
+                logits = o2
+            else:
+                logits = self.net1(xt, a)
+                loss = ce(logits)
+                if self.net2 is not None:
+                    logits = self.net2(xt, a)
+                    loss = loss + ce(logits)
         for opt in (self.opt1, self.opt2):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
         loss.backward()
-        for net, opt in ((self.net1, self.opt1), (self.net2, self.opt2)):
-            if opt is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-                # mutant darts-weight-step-skipped: drop | behaviour:search_step
-                opt.step()
-        stats["train_loss"] = float(F.cross_entropy(logits, yt).detach())
-        stats["train_acc"] = float((logits.argmax(1) == yt).float().mean())
-        return stats
+        nets = [(n, o) for n, o in ((self.net1, self.opt1), (self.net2, self.opt2)) if o]
+        shown = [ce(logits).detach(), (logits.argmax(1) == yt).sum().double() / part.total]
+        if part.split:  # the global batch's gradients and logged values
+            ps = [p for n, _ in nets for p in n.parameters() if p.grad is not None]
+            *grads, loss_, acc = all_reduce_sum([p.grad for p in ps] + shown)
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g
+            shown = [loss_, acc]
+        for net, opt in nets:
+            nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+            # mutant darts-weight-step-skipped: drop | behaviour:search_step
+            opt.step()
+        return {"train_loss": float(shown[0]), "train_acc": float(shown[1])}
 
-    def step(self, xt, yt, xv, yv, val_idx, arch: bool) -> dict:
-        """One search iteration; `arch=False` is a weights-only (warm-up) iteration."""
+    def step(self, xt, yt, xv, yv, val_idx, arch: bool, part: Part | None = None) -> dict:
+        """One search iteration; `arch=False` is a weights-only (warm-up) iteration.
+
+        (xt, yt) is the whole training batch, `part` the rows this process trains on (default
+        all); (xv, yv) the validation batch, which every process evaluates whole.
+        """
         cfg = self.cfg
+        part = part or Part.whole(len(yt))
         if not arch:
-            return self._weights_only(xt, yt)
+            return self._weights_only(xt, yt, part)
         if not self.lfm:
             g = darts_alpha_grad(
                 self.net1,
@@ -430,6 +448,7 @@ class _Learners:
                 cfg.order,
                 cfg.backend,
                 cfg.fd_scale,
+                part=part,
             )
             self.opt_a.zero_grad(set_to_none=True)
             for p, gr in zip(self.alphas, g.alphas, strict=True):
@@ -438,7 +457,7 @@ class _Learners:
                 p.grad = gr.detach()
             # mutant darts-alpha-step-dropped: drop | behaviour:search_step
             self.opt_a.step()
-            stats = self._weights_only(xt, yt)
+            stats = self._weights_only(xt, yt, part)
             stats["val_loss"] = g.loss_val
             stats["hg_alpha"] = _norm(g.alphas)
             return stats
@@ -456,6 +475,7 @@ class _Learners:
                 cfg.similarity,
                 cfg.fd_scale,
                 u_alpha=cfg.lfm_form == "paper",
+                part=part,
             )
             self._commit(self.net1, self.opt1, rule, g.step2)
         else:
@@ -477,6 +497,7 @@ class _Learners:
                 cfg.similarity,
                 cfg.fd_scale,
                 u_alpha=cfg.lfm_form == "paper",
+                part=part,
             )
             # W1' and W2' of the hypergradient are the real steps (Algorithm 1)
             self._commit(self.net1, self.opt1, rule1, g.step1)
@@ -561,12 +582,6 @@ class SearchMethod(Method):
 
     def setup(self, ctx: Context) -> None:
         """The stage plan, the first stage's supernet(s), alphas and optimizers."""
-        if distributed.world_size() > 1:
-            raise LFMError(
-                f"{self.name} runs in one process for now: its supernet's BatchNorm uses batch "
-                "statistics, so splitting the batch over processes changes the search",
-                "run lfm search without torchrun (or with --nproc_per_node 1)",
-            )
         if self.cfg is None:
             self.cfg = search_config(self.name, ctx.options)
         cfg = self.cfg
@@ -628,8 +643,12 @@ class SearchMethod(Method):
         self.learners.set_skip_dropout(stage.skip_p * (stage.epochs - epoch - 1) / stage.epochs)
         vb = next(ctx.val_stream)
         inputs = self.bundle.inputs
+        # under torchrun every process holds the whole batch (augmented as one process would)
+        # and trains on its own rows of it (`lfm.nas.hypergrad`)
+        part = distributed.part_of(batch)
+        x, y = part.gather(batch.x), part.gather(batch.y)
         st = self.learners.step(
-            inputs(batch.x, True), batch.y, inputs(vb.x, True), vb.y, vb.idx, epoch >= stage.warmup
+            inputs(x, True), y, inputs(vb.x, True), vb.y, vb.idx, epoch >= stage.warmup, part
         )
         for k, v in st.items():
             self._sums[k] = self._sums.get(k, 0.0) + v

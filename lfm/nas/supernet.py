@@ -26,6 +26,7 @@ from torch import nn
 
 from lfm.errors import LFMError
 from lfm.models.base import image_shape
+from lfm.models.split import dropout, global_batch_norm
 from lfm.nas.genotypes import STEPS, num_edges
 from lfm.nas.ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op
 
@@ -66,7 +67,7 @@ class MixedOp(nn.Module):
                 continue  # w_none * 0 adds nothing (its gradient w.r.t. w_none is 0 as well)
             y = op(x)
             if self.skip_dropout > 0 and self.training and isinstance(op, Identity):
-                y = F.dropout(y, p=self.skip_dropout)
+                y = dropout(y, self.skip_dropout)
             out = w[k] * y if out is None else out + w[k] * y
         return out
 
@@ -195,7 +196,7 @@ class Supernet(nn.Module):
         self.feature_dim = c_p
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.ModuleList(nn.Linear(c_p, num_classes) for _ in range(heads))
-        batch_stats_only(self)
+        global_batch_norm(batch_stats_only(self))
 
     @property
     def num_ops(self) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm.errors import LFMError
+from lfm.models.split import dropout, global_batch_norm
 from lfm.nas.ops import Identity, make_op
 from lfm.nas.space1d import EDGES, NODES, OPS_1D, _Reduce, arch_string
 from lfm.nas.supernet import Alphas, batch_stats_only
@@ -54,7 +55,7 @@ class MixedOp1d(nn.Module):
     def _run(self, k: int, x: torch.Tensor) -> torch.Tensor:
         y = self.ops[k](x)
         if self.skip_dropout > 0 and self.training and isinstance(self.ops[k], Identity):
-            y = F.dropout(y, p=self.skip_dropout)
+            y = dropout(y, self.skip_dropout)
         return y
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None, k: int | None = None):
@@ -139,7 +140,7 @@ class Supernet1d(nn.Module):
         self.feature_dim = c
         self.post = nn.Sequential(nn.BatchNorm1d(c), nn.ReLU(), nn.AdaptiveAvgPool1d(1))
         self.heads = nn.ModuleList(nn.Linear(c, num_classes) for _ in range(heads))
-        batch_stats_only(self)
+        global_batch_norm(batch_stats_only(self))
 
     @property
     def num_ops(self) -> tuple[int, int]:

@@ -128,23 +128,33 @@ def all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def differentiable_sum(t: Tensor) -> Tensor:
-    """Sum of a 0-d tensor over ranks, with gradient: the backward sums the ranks' cotangents,
-    so d(sum_r obj_r)/d t is exact when every rank differentiates its own objective."""
+    """Sum of `t` over ranks, with gradient: the backward sums the ranks' cotangents, so
+    d(sum_r obj_r)/d t is exact when every rank differentiates its own objective (its share of
+    a global-batch loss). It composes with `torch.func` (grad, jvp, and forward over reverse)."""
     if not active():
         return t
     return _SumOverRanks.apply(t)
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """all-reduce (sum) whose backward is the all-reduce (sum) of the cotangents."""
+    """all-reduce (sum); its backward and its jvp are all-reduces (sums) again, so a
+    derivative of any order through it is the derivative of the summed objective."""
 
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:  # noqa: D102
+    def forward(t: Tensor) -> Tensor:  # noqa: D102
         return all_reduce_sum([t])[0]
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: D102
+        pass
+
+    @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
-        return all_reduce_sum([grad])[0]
+        return _SumOverRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:  # noqa: D102
+        return _SumOverRanks.apply(tangent)
 
 
 @torch.no_grad()
