@@ -15,6 +15,7 @@ from lfm.cli.nas_args import (
     run_flags,
 )
 from lfm.device import resolve_device, seed_everything
+from lfm.train import distributed
 from lfm.train.atomic import write_json
 from lfm.train.runlock import run_folder_lock
 
@@ -100,6 +101,8 @@ def _evaluate_and_save(args: argparse.Namespace, cfg: Any) -> None:
         resume=not args.no_resume,
         **run_flags(args),
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone writes and prints
+        return
     print(
         f"genotype {args.genotype}: {cfg.layers} cells, C={cfg.C}, "
         f"{res.get('params', 0) / 1e6:.3f}M parameters"

@@ -15,6 +15,7 @@ from lfm.cli.nas_args import (
     run_flags,
 )
 from lfm.device import resolve_device, seed_everything
+from lfm.train import distributed
 from lfm.train.atomic import write_json
 from lfm.train.runlock import run_folder_lock
 
@@ -115,6 +116,8 @@ def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
         resume=not args.no_resume,
         **run_flags(args),
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone writes and prints
+        return
     out.mkdir(parents=True, exist_ok=True)
     result.genotype.save(out / "genotype.json")
     plot_genotype(result.genotype, out / "genotype.png")

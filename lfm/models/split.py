@@ -60,6 +60,8 @@ def bernoulli_rows(like: Tensor, keep: float, shape: tuple[int, ...] | None = No
     inside `rows(part)` the rows are this process's of the whole batch's mask."""
     shape = tuple(like.shape) if shape is None else shape
     part = current_part()
+    # mutant split-masks-drawn-per-part: `if part is None:` -> `if True:`
+    #   | distributed_search:pieces
     if part is None:
         return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(keep)
     whole = torch.empty((part.total, *shape[1:]), device=like.device, dtype=like.dtype)
@@ -79,6 +81,8 @@ class _GlobalBatchNorm:
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         part = current_part()
         batch_stats = self.training or self.running_mean is None
+        # mutant split-bn-local-statistics: `part is None or` -> `True or`
+        #   | distributed_search:pieces
         if part is None or not batch_stats:
             return super().forward(x)
         return _global_batch_norm(self, x, part)
@@ -89,10 +93,12 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, part: Par
     view = (1, -1) + (1,) * (x.dim() - 2)
     n = part.total * math.prod(x.shape[2:])  # values per channel in the global batch
     xf = x.float()  # statistics in fp32, as BatchNorm keeps them under autocast
-    mean = differentiable_sum(xf.sum(dims)) / n
-    xc = xf - mean.view(view)
-    var = differentiable_sum((xc * xc).sum(dims)) / n  # biased, as normalisation uses
-    out = xc * torch.rsqrt(var + bn.eps).view(view)
+    # one all-reduce per layer (forward and backward alike) for both moments: a layer-by-layer
+    # collective is what a split pass pays for, and the supernet has hundreds of BatchNorms
+    moments = differentiable_sum(torch.stack([xf.sum(dims), (xf * xf).sum(dims)])) / n
+    mean = moments[0]
+    var = (moments[1] - mean * mean).clamp_min(0.0)  # biased, as normalisation uses
+    out = (xf - mean.view(view)) * torch.rsqrt(var + bn.eps).view(view)
     if bn.affine:
         out = out * bn.weight.view(view) + bn.bias.view(view)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:

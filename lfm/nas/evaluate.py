@@ -165,6 +165,8 @@ class EvalMethod(Method):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         shown = [loss.detach(), (logits.argmax(1) == y).sum().double()]
+        # mutant evaluate-grads-not-summed: `if part.split:` -> `if False:`
+        #   | distributed_search:evaluate
         if part.split:
             ps = [p for p in self.model.parameters() if p.grad is not None]
             *grads, loss_, correct_ = distributed.all_reduce_sum([p.grad for p in ps] + shown)

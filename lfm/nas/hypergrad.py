@@ -94,6 +94,7 @@ def _grads_or_zeros(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor
 
 def _summed(part: Part, ts: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Sums over processes of per-process shares (one all-reduce); as they are when whole."""
+    # mutant nas-shares-not-summed: `if part.split` -> `if False` | distributed_search:pieces
     return tuple(all_reduce_sum(list(ts))) if part.split else tuple(ts)
 
 
@@ -405,6 +406,8 @@ def lfm_nas_grad_shared(
         l1 = part.mean(F.cross_entropy(logits1, yt, reduction="none"))
         need = f_tr.requires_grad  # H1' carries a graph to the features only when asked
         gh1 = torch.autograd.grad(l1, list(h1l.values()), create_graph=need)
+        # mutant shared-h1-step-not-summed: `if part.split:` -> `if False:`
+        #   | distributed_search:pieces
         if part.split:
             gh1 = tuple(differentiable_sum(g) for g in gh1)
         s_h1 = step(h1, dict(zip(k1, gh1, strict=True)))
