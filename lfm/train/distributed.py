@@ -17,7 +17,9 @@ How a step is split (the trainer and the methods use these pieces):
 - per-example quantities that a rank holds for its part only (b's hypergradient, a, L2RW
   weights) are gathered into a global-batch vector (`Part.gather`) so every rank applies the
   same update and keeps identical state.
-- BatchNorm running statistics are NOT synchronised: each rank's are those of its part.
+- LFM-DR's learners: BatchNorm uses each rank's part (its running statistics are the rank's
+  own). The NAS networks normalise over the global batch instead (`lfm.models.split`, through
+  `differentiable_sum`), so a split search or evaluation learns what one process learns.
 """
 
 from __future__ import annotations
