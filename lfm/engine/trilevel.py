@@ -51,16 +51,18 @@ product) is computed in fp32, and every loss, jvp output and hypergradient accum
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from lfm.engine.functional import Params, buffers_of, leaves, losses, norm, params_of
-from lfm.engine.hypergrad import directional
+from lfm.engine.hypergrad import FD_SCALE, directional, mixed_grad
 from lfm.engine.virtual import StepRule, VirtualOptimizer
 from lfm.errors import LFMError
+from lfm.models.split import rows
 from lfm.reweight.function import attention, b_weights, label_match, reweight
 from lfm.train import distributed
 from lfm.train.distributed import Part
@@ -99,13 +101,29 @@ B_PATHS: dict[str, BPath] = {
 
 @dataclass
 class Upper:
-    """The upper variable stage 1 is weighted by: w = weigh(value), the (n,) per-example
-    weights of the global batch, differentiable in `value`. LFM-DR's is b's batch entries with
-    w = b_weights(b, b_mode); any other (one weight per class, a small network of per-example
-    signals) is another `weigh`, and gets its hypergradient dL/dvalue from the same dL/dw."""
+    """The upper variable B of the iteration, in one of two places.
 
-    value: Tensor
-    weigh: Callable[[Tensor], Tensor]
+    Weights on stage 1's losses: w = weigh(value), the (n,) per-example weights of the global
+    batch, differentiable in `value`. LFM-DR's is b's batch entries with w = b_weights(b,
+    b_mode); any other (one weight per class, a small network of per-example signals) is
+    another `weigh`, and gets its hypergradient dL/dvalue from the same dL/dw.
+
+    Inside the networks: `arch`, tensors every learner's module reads by name as buffers (NAS's
+    architecture weights alpha, `lfm.nas.supernet`); stage 1's loss is unweighted and the
+    hypergradient dL/darch has four terms (direct, through W2', through u, through W1').
+    `arch_in_u` False lets u read a constant copy of arch (the authors' LFM-DARTS code).
+    """
+
+    value: Tensor | None = None
+    weigh: Callable[[Tensor], Tensor] | None = None
+    arch: Params | None = None
+    arch_in_u: bool = True
+
+    def arch_tensors(self, leaf: bool = False) -> Params:
+        """arch as detached tensors, or as fresh autograd leaves (empty without arch)."""
+        if not self.arch:
+            return {}
+        return leaves(self.arch) if leaf else {k: v.detach() for k, v in self.arch.items()}
 
 
 def per_example_upper(b: Tensor, b_mode: str = "raw") -> Upper:
@@ -119,9 +137,17 @@ class Learner:
 
     module: nn.Module
     opt: VirtualOptimizer
+    # the weights to unroll from, when they are not the module's own (NAS: two weight sets of
+    # one supernet architecture)
+    weights: Params | None = None
+    # batch -> a context every pass of this learner over the "train" / "val" batch runs in
+    # (NAS: the same dropout masks on every pass over a batch, `lfm.nas.hypergrad.SameMasks`)
+    on_batch: Callable[[str], AbstractContextManager] | None = None
 
     def params(self) -> Params:
         """Current trainable parameters (detached, shared storage)."""
+        if self.weights is not None:
+            return {k: v.detach() for k, v in self.weights.items()}
         return params_of(self.module)
 
     def buffers(self) -> Params:
@@ -134,6 +160,7 @@ class IterOptions:
     """How one iteration computes a and the hypergradients (see LFMConfig for the meaning)."""
 
     backend: str = "exact"  # exact | fd
+    fd_scale: float = FD_SCALE  # fd's step on arch's mixed derivatives: eps = fd_scale / ||v||
     b_mode: str = "raw"  # raw | sigmoid | batch-normalised
     similarity: str = "dot"  # dot | cosine | l2
     temperature: float = 1.0  # softmax temperature of x
@@ -165,6 +192,7 @@ class Stage2:
     """What `relearn` produces: a, u and W2'."""
 
     p1_leaf: Params  # W1' as autograd leaves (u's graph hangs from them)
+    arch_u: Params  # arch as the leaves u's graph hangs from (empty: u sees no arch graph)
     u: Tensor  # (m,) with graph to W1'
     a: Tensor  # (n,) with graph to V, r, u
     p2: Params  # W2 before the step
@@ -188,6 +216,19 @@ class IterResult:
     grad_r: Tensor  # (m,) dL/dr for the validation entries (batch, then bank)
     grad_v: list[Tensor | None]  # dL/dV for each encoder parameter
     logs: dict[str, Tensor] = field(default_factory=dict)
+    grad_arch: tuple[Tensor, ...] | None = None  # dL/darch, one per arch tensor (Upper.arch)
+
+
+@contextmanager
+def _on(learner: Learner, batch: str, part: Part) -> Iterator[None]:
+    """A pass of `learner` over the training ("train": this rank's rows, with BatchNorm over
+    the global batch where the module asks for it, `lfm.models.split`) or validation batch."""
+    with ExitStack() as stack:
+        if batch == "train":
+            stack.enter_context(rows(part))
+        if learner.on_batch is not None:
+            stack.enter_context(learner.on_batch(batch))
+        yield
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -225,8 +266,12 @@ def learn(
     upper = _upper(b, opts)
     p1 = w1.params()
     leaf = leaves(p1)
-    l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
-    w = part.local(upper.weigh(upper.value.detach()))  # (n,), normalised over the global batch
+    with _on(w1, "train", part):  # (n,), real pass
+        l1 = losses(w1.module, leaf, w1.buffers() | upper.arch_tensors(), x, y, update_stats=True)
+    if upper.weigh is None:  # B is inside the network: stage 1's loss is the plain mean
+        w = torch.ones_like(l1)
+    else:  # (n,), normalised over the global batch
+        w = part.local(upper.weigh(upper.value.detach()))
     # mutant w1-ignores-b: `w * l1` -> `l1` | engine_hypergrad behaviour:mislabelled
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
@@ -252,6 +297,7 @@ def relearn(
     bank: tuple[Tensor, Tensor, Tensor] | None = None,
     u_grad: bool = True,
     part: Part | None = None,
+    upper: Upper | None = None,
 ) -> Stage2:
     """Stage 2: W2 relearns on mean_i a_i l_i(W2), a from W1's validation mistakes u.
 
@@ -261,10 +307,17 @@ def relearn(
     appended after the batch's m0 entries; r must hold m0 + k entries in that order.
     u_grad: build u's graph to W1' (needed by the w2 / w2+w1val b paths).
     part: which rows of the global batch x_tr, y_tr are (module docstring).
+    upper: the upper variable when it is inside the networks (`Upper.arch`).
     """
     part = part or Part.whole(len(y_tr))
+    upper = upper or Upper()
     p1_leaf = leaves(p1_new) if u_grad else {k: v.detach() for k, v in p1_new.items()}
-    u = losses(w1.module, p1_leaf, w1.buffers(), x_val, y_val)  # (m0,), virtual pass
+    # mutant arch-authors-u-sees-arch: `u_grad and upper.arch_in_u` -> `u_grad`
+    #   | nas_hypergrad:authors
+    u_sees_arch = u_grad and upper.arch_in_u
+    arch_u = upper.arch_tensors(leaf=u_sees_arch)
+    with _on(w1, "val", part):  # (m0,), virtual pass
+        u = losses(w1.module, p1_leaf, w1.buffers() | arch_u, x_val, y_val)
     e_tr, e_val = embed(p1_new)  # (n, K), (m0, K)
     yv, uu = y_val, u
     if bank is not None:
@@ -284,7 +337,10 @@ def relearn(
     x2_tr, x2_val = (x_tr, x_val) if w2_inputs is None else w2_inputs(p1_new)
     p2 = w2.params()
     leaf = leaves(p2)
-    l2 = losses(w2.module, leaf, w2.buffers(), x2_tr, y_tr, update_stats=True)  # real pass
+    with _on(w2, "train", part):  # real pass
+        l2 = losses(
+            w2.module, leaf, w2.buffers() | upper.arch_tensors(), x2_tr, y_tr, update_stats=True
+        )
     # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | engine_hypergrad behaviour:mislabelled
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
@@ -292,6 +348,7 @@ def relearn(
     step = StepRule(w2.opt, lr)(p2, g2)
     return Stage2(
         p1_leaf,
+        arch_u if u_sees_arch else {},
         u,
         a,
         p2,
@@ -326,13 +383,38 @@ def validate(
     hyper = directional(opts.backend)
     part = part or Part.whole(len(y_tr))
     n = part.total  # the 1/n of the global batch mean
-    p2n = leaves(s2.p2_new)
-    L_val = losses(w2.module, p2n, w2.buffers(), s2.x2_val, y_val).mean()  # virtual pass
-    g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
+    upper = _upper(b, opts) if b is not None else None
+    arch = upper.arch_tensors() if upper is not None else {}
+    if arch and opts.b_path != "w2":
+        raise ValueError(f"an upper variable inside the networks takes b_path 'w2', not "
+                         f"{opts.b_path!r}")  # fmt: skip
+    p2n, arch_l = leaves(s2.p2_new), leaves(arch)
+    with _on(w2, "val", part):  # virtual pass
+        L_val = losses(w2.module, p2n, w2.buffers() | arch_l, s2.x2_val, y_val).mean()
+    wrt = [*p2n.values(), *arch_l.values()]
+    # allow_unused: a supernet may have no cell of one kind (its alpha never enters)
+    gs = torch.autograd.grad(L_val, wrt, allow_unused=bool(arch))
+    gs = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, wrt, strict=True))
+    g_val = dict(zip(p2n, gs[: len(p2n)], strict=True))
+    d_direct = gs[len(p2n) :]  # dL_val/darch at W2' (arch only)
 
-    # dL/da_i = 1/n * (J2^T g_val) . grad l_i(W2)
-    # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
-    dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n  # (n,)
+    if arch:
+        # through W2': grad_(arch, a) <grad_W2 L2(W2, arch, a), J2^T g_val>, one mixed pass
+        names = list(arch)
+
+        def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
+            with _on(w2, "train", part):
+                bufs = w2.buffers() | dict(zip(names, bb[:-1], strict=True))
+                return part.mean(bb[-1] * losses(w2.module, ww, bufs, s2.x2_tr, y_tr))
+
+        m2 = mixed_grad(f2, s2.p2, (*arch.values(), s2.a), s2.pull2(g_val), opts.backend,
+                        opts.fd_scale)  # fmt: skip
+        dL_da, m2_arch = _wide(m2[-1]), m2[:-1]
+    else:
+        # dL/da_i = 1/n * (J2^T g_val) . grad l_i(W2)
+        with _on(w2, "train", part):
+            # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+            dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n
 
     path = B_PATHS[opts.b_path]
     through_u = s1 is not None and b is not None and path.u_graph
@@ -361,7 +443,8 @@ def validate(
         else:  # other ranks add zeros, so every rank all-reduces the same tensors
             grads += [torch.zeros_like(p) for p in p1_leaves]
     else:
-        wrt = [*v_params, r, *p1_leaves]
+        arch_u = list(s2.arch_u.values()) if through_u else []
+        wrt = [*v_params, r, *p1_leaves, *arch_u]
         grads = torch.autograd.grad(objective, wrt, allow_unused=True)
     if part.split:  # sums over training examples: add up the ranks' parts
         held = [i for i, g in enumerate(grads) if g is not None]
@@ -385,8 +468,12 @@ def validate(
             sum(((g**2).sum() for g in grad_v if g is not None), torch.zeros((), device=r.device))
         )
 
-    grad_b = None
-    if s1 is not None and b is not None and path.moves:
+    grad_b = grad_arch = None
+    if arch and s1 is not None:
+        grad_arch = _arch_grad(w1, s1, s2, x_tr, y_tr, arch, d_direct, m2_arch, grads,
+                               len(v_params), opts, part)  # fmt: skip
+        logs["hg_arch"] = norm(dict(enumerate(grad_arch)))
+    elif s1 is not None and b is not None and path.moves:
         if path.own_grad:  # W1's own clipped training gradient
             gn = float(norm(s1.g1))
             c = min(1.0, opts.own_grad_clip / (gn + 1e-6))
@@ -414,7 +501,56 @@ def validate(
     if s1 is not None:
         logs["L1"] = s1.L1
         logs["w_mean"] = s1.w.mean()
-    return IterResult(s1, s2, L_val.detach(), grad_b, grad_r, grad_v, logs)
+    return IterResult(s1, s2, L_val.detach(), grad_b, grad_r, grad_v, logs, grad_arch)
+
+
+def _arch_grad(
+    w1: Learner,
+    s1: Stage1,
+    s2: Stage2,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    arch: Params,
+    d_direct: tuple[Tensor, ...],
+    m2_arch: tuple[Tensor, ...],
+    grads: list[Tensor | None],
+    nv: int,
+    opts: IterOptions,
+    part: Part,
+) -> tuple[Tensor, ...]:
+    """dL/darch = direct + through W2' + through u + through W1' (`Upper.arch`).
+
+    grads: the stage-3 backward's gradients (V's nv, r, W1' leaves, then arch's u leaves),
+    already summed over ranks; h = dL/dW1' from them gives the W1' term by one mixed pass.
+    """
+    n1 = len(s2.p1_leaf)
+    h = {
+        k: torch.zeros_like(v) if g is None else g
+        for (k, v), g in zip(s2.p1_leaf.items(), grads[nv + 1 : nv + 1 + n1], strict=True)
+    }
+    d_u = [
+        torch.zeros_like(v) if g is None else g
+        for v, g in zip(arch.values(), grads[nv + 1 + n1 :], strict=False)
+    ]
+    d_u += [torch.zeros_like(v) for v in list(arch.values())[len(d_u) :]]  # u saw a copy
+    names = list(arch)
+
+    def f1(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
+        with _on(w1, "train", part):
+            bufs = w1.buffers() | dict(zip(names, bb, strict=True))
+            return part.mean(s1.w * losses(w1.module, ww, bufs, x_tr, y_tr))
+
+    m1 = mixed_grad(f1, s1.p1, tuple(arch.values()), s1.pull1(h), opts.backend, opts.fd_scale)
+    shares = [*m2_arch, *m1]  # each rank's rows' share: summed over ranks
+    if part.split:
+        shares = distributed.all_reduce_sum(shares)
+    k = len(arch)
+    return tuple(
+        # mutant arch-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
+        # mutant arch-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
+        d0 + m2_ + du + m1_
+        for d0, m2_, du, m1_ in zip(d_direct, shares[:k], d_u, shares[k:], strict=True)
+    )
 
 
 def iteration(
@@ -459,6 +595,7 @@ def iteration(
         bank=bank,
         u_grad=B_PATHS[opts.b_path].u_graph,
         part=part,
+        upper=_upper(b, opts),
     )
     return validate(w1, w2, s1, s2, x_tr, y_tr, y_val, b, r, v_params, opts, part)
 
@@ -474,6 +611,7 @@ def check_finite(res: IterResult, step: int) -> None:
     ]
     if res.grad_b is not None:
         checks.append(("stage 3 hypergradient of b", res.grad_b))
+    checks += [("stage 3 hypergradient of the architecture", g) for g in res.grad_arch or ()]
     checks += [("stage 3 hypergradient of V", g) for g in res.grad_v if g is not None]
     dev = res.s2.a.device
     ok = torch.stack([torch.isfinite(t.detach()).all().to(dev) for _, t in checks]).cpu()

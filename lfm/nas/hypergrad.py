@@ -41,12 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lfm.engine.functional import Params
+from lfm.engine.functional import Params, leaves
 from lfm.engine.hypergrad import mixed_grad
+from lfm.engine.trilevel import IterOptions, Learner, Upper, iteration
 from lfm.engine.virtual import StepRule, Unrolled, merged
 from lfm.errors import LFMError
 from lfm.models.split import rows
-from lfm.nas.supernet import Alphas
+from lfm.nas.supernet import Alphas, arch_of
 from lfm.train.distributed import Part, all_reduce_sum, differentiable_sum
 
 
@@ -247,93 +248,50 @@ def lfm_nas_grad(
     u_alpha=False is the authors' code (NAS/darts-lfm/architect_lfm.py): u's forward pass sees
     a copy of alpha, so the (dL/da)(da/du)(du/dalpha) term is left out and the rest kept.
     `train` is the whole training batch, `part` this process's rows of it (module docstring):
-    the encoder and a are computed for the whole batch, the supernet passes for the rows.
+    the encoder sees the whole batch, the supernet passes this process's rows.
+
+    It is the engine's trilevel iteration (`lfm.engine.trilevel`, the one LFM-DR runs) with
+    B = alpha inside the networks (`Upper.arch`): this function only binds the pieces.
     """
-    part, xt, yt = _rows_of(part, train)
+    part, _, yt = _rows_of(part, train)
     xv, yv = val
-    a_ = tuple(t.detach().requires_grad_(True) for t in alphas)
-    a_d = tuple(t.detach() for t in alphas)
-    masks = masks or SameMasks.draw(xt.device)
+    masks = masks or SameMasks.draw(xv.device)
+    encl = leaves(enc or {})
 
-    def train_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
-        with masks.on("train"), rows(part):
-            losses = ce_loss(net, ww, bb, xt, yt, reduction="none")
-        return part.mean(losses) if reduction == "mean" else losses
-
-    def val_loss(ww: Params, bb: tuple[Tensor, ...], reduction: str = "mean") -> Tensor:
-        with masks.on("val"):
-            return ce_loss(net, ww, bb, xv, yv, reduction=reduction)
-
-    # stage 1: W1' (no graph: the W1 term is a mixed derivative computed below)
-    w1l = _detached_leaves(w1)
-    l1 = train_loss(w1l, a_d)
-    *g1, l1 = _summed(part, [*torch.autograd.grad(l1, list(w1l.values())), l1.detach()])
-    g1 = dict(zip(w1l, g1, strict=True))
-    s1 = step1({k: t.detach() for k, t in w1.items()}, g1)
-    w1p = _detached_leaves(s1.params)
-    # stage 2: u on the validation batch at W1', the weights a, and W2'
-    encl = _detached_leaves(enc or {})
-    rl = r.detach().requires_grad_(True)
-
-    def u_path() -> tuple[Tensor, Tensor]:
-        # mutant lfm-authors-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
-        #   | nas_hypergrad:authors
-        u = val_loss(w1p, a_ if u_alpha else a_d, "none")  # (m,), graph to W1' (and alpha)
+    def embed(_: Params) -> tuple[Tensor, Tensor]:
         e_tr, e_val = _encode(encoder, encl, train[0], xv)  # the whole training batch
-        return _stage2_weights(e_tr, e_val, train[1], yv, u, rl, similarity), u  # (n,), (m,)
+        return part.local(e_tr), e_val  # (rows, K), (m, K)
 
-    # values first; the graph of the u-path is rebuilt at the end (one more forward on the
-    # validation batch) rather than held through the W2' passes, to keep peak memory down
-    with torch.no_grad():
-        a, u = u_path()
-    w2l = _detached_leaves(w2)
-    a_rows = part.local(a.detach())
-    l2 = part.mean(a_rows * train_loss(w2l, a_d, "none"))
-    g2 = dict(zip(w2l, _summed(part, torch.autograd.grad(l2, list(w2l.values()))), strict=True))
-    s2 = step2({k: t.detach() for k, t in w2.items()}, g2)
-    w2p = _detached_leaves(s2.params)
-    # stage 3: validation loss at W2'
-    lv = val_loss(w2p, a_)
-    gr = _grads_or_zeros(lv, list(a_) + list(w2p.values()))
-    d_direct, v2 = gr[:2], dict(zip(w2p, gr[2:], strict=True))
+    def learner(w: Params, step: StepRule) -> Learner:
+        return Learner(net, step.opt, weights=w, on_batch=masks.on)
 
-    # through W2': mixed derivative of L2 w.r.t. (alpha, a) along v2
-    def f2(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
-        return part.mean(bb[2] * train_loss(ww, (bb[0], bb[1]), "none"))
-
-    m2 = mixed_grad(f2, w2, (*a_d, a_rows), s2.pull(v2), backend, fd_scale)
-    d_a = part.gather(m2[2])  # (n,) dL/da of the whole batch: the u path below runs whole
-    # back through a -> (u -> (alpha, W1'), x -> V, r)
-    enc_keys = list(encl)
-    back = _grads_or_zeros(
-        u_path()[0],
-        list(a_) + list(w1p.values()) + [encl[k] for k in enc_keys] + [rl],
-        grad_outputs=d_a,
+    res = iteration(
+        learner(w1, step1),
+        learner(w2, step2),
+        part.local(train[0]),
+        yt,
+        xv,
+        yv,
+        Upper(arch=arch_of(alphas), arch_in_u=u_alpha),
+        r.detach().requires_grad_(True),
+        embed,
+        list(encl.values()),
+        IterOptions(backend=backend, similarity=similarity, fd_scale=fd_scale),
+        step1.lr,
+        step2.lr,
+        part=part,
     )
-    d_u_alpha = back[:2]
-    h = dict(zip(w1p, back[2 : 2 + len(w1p)], strict=True))
-    d_enc = dict(zip(enc_keys, back[2 + len(w1p) : -1], strict=True))
-    d_r = back[-1]
-    # through W1': mixed derivative of L1 w.r.t. alpha along h
-    m1 = mixed_grad(train_loss, w1, a_d, s1.pull(h), backend, fd_scale)
-    both = _summed(part, [*m2[:2], *m1])
-    m2_alpha, m1 = both[:2], both[2:]
-    d_alpha = tuple(
-        # mutant lfm-darts-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
-        # mutant lfm-darts-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
-        d0 + m2_ + du + m1_
-        for d0, m2_, du, m1_ in zip(d_direct, m2_alpha, d_u_alpha, m1, strict=True)
-    )
+    assert res.s1 is not None and res.grad_arch is not None
     return LFMGrad(
-        d_alpha,
-        d_r,
-        d_enc,
-        s1,
-        s2,
-        a.detach(),
-        u.detach(),
-        float(l1),
-        float(lv.detach()),
+        (res.grad_arch[0], res.grad_arch[1]),
+        res.grad_r,
+        dict(zip(encl, res.grad_v, strict=True)),
+        Unrolled(res.s1.p1_new, res.s1.m1_new, res.s1.pull1),
+        Unrolled(res.s2.p2_new, res.s2.m2_new, res.s2.pull2),
+        part.gather(res.s2.a.detach()),
+        res.s2.u.detach(),
+        float(res.s1.L1),
+        float(res.L_val),
     )
 
 

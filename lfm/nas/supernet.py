@@ -31,6 +31,21 @@ from lfm.nas.genotypes import STEPS, num_edges
 from lfm.nas.ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op
 
 Alphas = tuple[torch.Tensor, torch.Tensor]  # (alpha_normal (E, k), alpha_reduce (E, k))
+# The names under which a supernet reads alphas that are not passed to `forward`: empty
+# buffers, filled by `functional_call` (the engine's `Upper.arch`), so a supernet is a module
+# of x alone there, as every learner of the trilevel iteration is.
+ARCH = ("alpha_normal", "alpha_reduce")
+
+
+def arch_slots(net: nn.Module) -> None:
+    """Register the empty, non-persistent ARCH buffers on `net` (state_dict is unchanged)."""
+    for name in ARCH:
+        net.register_buffer(name, None, persistent=False)
+
+
+def arch_of(alphas: Alphas) -> dict[str, torch.Tensor]:
+    """`alphas` by their ARCH names (an `Upper.arch`)."""
+    return dict(zip(ARCH, alphas, strict=True))
 
 
 def batch_stats_only(module: nn.Module) -> nn.Module:
@@ -197,6 +212,7 @@ class Supernet(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.ModuleList(nn.Linear(c_p, num_classes) for _ in range(heads))
         global_batch_norm(batch_stats_only(self))
+        arch_slots(self)
 
     @property
     def num_ops(self) -> tuple[int, int]:
@@ -227,10 +243,13 @@ class Supernet(nn.Module):
         return self.global_pooling(s1).flatten(1)  # (B, feature_dim)
 
     def forward(
-        self, x: torch.Tensor, alphas: Alphas, head: int = 0, all_heads: bool = False
+        self, x: torch.Tensor, alphas: Alphas | None = None, head: int = 0, all_heads: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, num_classes) of head `head`; with `all_heads`, (features, [logits per head])
-        from one body pass (a `forward` option so that `functional_call` can reach it)."""
+        from one body pass (a `forward` option so that `functional_call` can reach it).
+        alphas None: the ARCH buffers `functional_call` passed."""
+        if alphas is None:
+            alphas = (self.alpha_normal, self.alpha_reduce)
         f = self.features(x, alphas)
         if all_heads:
             return f, [h(f) for h in self.heads]

@@ -32,7 +32,7 @@ from lfm.errors import LFMError
 from lfm.models.split import dropout, global_batch_norm
 from lfm.nas.ops import Identity, make_op
 from lfm.nas.space1d import EDGES, NODES, OPS_1D, _Reduce, arch_string
-from lfm.nas.supernet import Alphas, batch_stats_only
+from lfm.nas.supernet import Alphas, arch_slots, batch_stats_only
 
 STAGES = 3  # CellNet1d's default: the table's networks have 3 stages
 
@@ -141,6 +141,7 @@ class Supernet1d(nn.Module):
         self.post = nn.Sequential(nn.BatchNorm1d(c), nn.ReLU(), nn.AdaptiveAvgPool1d(1))
         self.heads = nn.ModuleList(nn.Linear(c, num_classes) for _ in range(heads))
         global_batch_norm(batch_stats_only(self))
+        arch_slots(self)
 
     @property
     def num_ops(self) -> tuple[int, int]:
@@ -180,7 +181,10 @@ class Supernet1d(nn.Module):
         path: Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, num_classes) of head `head`; with `all_heads`, (features, [logits per head])
-        from one body pass. `path` (one candidate index per edge) replaces alphas."""
+        from one body pass. `path` (one candidate index per edge) replaces alphas; without
+        either, the ARCH buffers `functional_call` passed (`lfm.nas.supernet`)."""
+        if alphas is None and path is None:
+            alphas = (self.alpha_normal, self.alpha_reduce)
         f = self.features(x, alphas, path)
         if all_heads:
             return f, [h(f) for h in self.heads]
