@@ -12,7 +12,8 @@ the validation passes run whole (`lfm.nas.hypergrad`). Checked here:
   resumed under torchrun, against one uninterrupted process: alphas, r, V, both supernets,
   every optimizer state, the genotype and every logged value, within 1e-5;
 - `lfm evaluate` on 2 processes (cutout, drop-path, auxiliary head) against one process;
-- two torchrun "nodes" of one process each, for `lfm search`; node 1's --out stays empty.
+- two torchrun "nodes" of one process each, for `lfm search --method darts`; node 1's --out
+  stays empty.
 
 gloo on a 2-core CPU pays one all-reduce per BatchNorm layer and pass, so a split step is
 slower than one process here; the sizes are the smallest that still have every kind of cell.
@@ -165,7 +166,9 @@ def test_evaluate_two_processes_is_one_process(tmp_path):
 
 
 def test_search_on_two_nodes_is_one_process_and_only_rank_0_writes(tmp_path):
+    # DARTS here (its weight step is a plain torch step on the summed gradients), LFM-DARTS above
     args = [*SEARCH, "--max-steps", "2"]
+    args[args.index("lfm-darts")] = "darts"
     one, node0, node1 = tmp_path / "one", tmp_path / "node0", tmp_path / "node1"
     _lfm(args, one)
     with socket.socket() as s:  # a free port for the rendezvous

@@ -416,7 +416,7 @@ class _Learners:
         nets = [(n, o) for n, o in ((self.net1, self.opt1), (self.net2, self.opt2)) if o]
         shown = [ce(logits).detach(), (logits.argmax(1) == yt).sum().double() / part.total]
         # mutant search-warmup-grads-not-summed: `if part.split:` -> `if False:`
-        #   | distributed_search:killed
+        #   | distributed_search:nodes
         if part.split:  # the global batch's gradients and logged values
             ps = [p for n, _ in nets for p in n.parameters() if p.grad is not None]
             *grads, loss_, acc = all_reduce_sum([p.grad for p in ps] + shown)
