@@ -227,7 +227,7 @@ def learn(
     leaf = leaves(p1)
     l1 = losses(w1.module, leaf, w1.buffers(), x, y, update_stats=True)  # (n,), real pass
     w = part.local(upper.weigh(upper.value.detach()))  # (n,), normalised over the global batch
-    # mutant w1-ignores-b: `w * l1` -> `l1` | engine_hypergrad behaviour:mislabelled
+    # mutant w1-ignores-b: `w * l1` -> `l1` | hypergradients:dr- behaviour:mislabelled
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
     g1 = dict(zip(leaf, grads, strict=True))
@@ -285,7 +285,7 @@ def relearn(
     p2 = w2.params()
     leaf = leaves(p2)
     l2 = losses(w2.module, leaf, w2.buffers(), x2_tr, y_tr, update_stats=True)  # real pass
-    # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | engine_hypergrad behaviour:mislabelled
+    # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | hypergradients:dr- behaviour:mislabelled
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
     g2 = dict(zip(leaf, grads, strict=True))
@@ -331,7 +331,7 @@ def validate(
     g_val = dict(zip(p2n, torch.autograd.grad(L_val, list(p2n.values())), strict=True))
 
     # dL/da_i = 1/n * (J2^T g_val) . grad l_i(W2)
-    # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+    # mutant da-sign: `) / n` -> `) / -n` | hypergradients:dr- behaviour:b_r_and_v
     dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n  # (n,)
 
     path = B_PATHS[opts.b_path]
@@ -342,7 +342,7 @@ def validate(
     own_val_here = own_val and (not part.split or distributed.is_main())
     if own_val_here and path.w1_val == "added":
         # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(s2.u).mean()` -> ``
-        #   | engine_hypergrad behaviour:b_r_and_v
+        #   | hypergradients:dr- behaviour:b_r_and_v
         objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
     if path.w1_val == "alone" and through_u:
@@ -404,7 +404,7 @@ def validate(
             dL_dw = directional("fd")(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h) / n
         else:
             # dL/dw_i = 1/n * (J1^T h) . grad l_i(W1)
-            # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+            # mutant dw-sign: `) / n` -> `) / -n` | hypergradients:dr- behaviour:b_r_and_v
             dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         upper = _upper(b, opts)

@@ -173,7 +173,7 @@ def darts_alpha_grad(
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
     mixed = _summed(part, mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale))
-    # mutant darts-mixed-term-sign: `d + m` -> `d - m` | nas_hypergrad:darts_second
+    # mutant darts-mixed-term-sign: `d + m` -> `d - m` | hypergradients:darts_second
     d = tuple(d + m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
@@ -277,7 +277,7 @@ def lfm_nas_grad(
 
     def u_path() -> tuple[Tensor, Tensor]:
         # mutant lfm-authors-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
-        #   | nas_hypergrad:authors
+        #   | hypergradients:authors-
         u = val_loss(w1p, a_ if u_alpha else a_d, "none")  # (m,), graph to W1' (and alpha)
         e_tr, e_val = _encode(encoder, encl, train[0], xv)  # the whole training batch
         return _stage2_weights(e_tr, e_val, train[1], yv, u, rl, similarity), u  # (n,), (m,)
@@ -319,8 +319,8 @@ def lfm_nas_grad(
     both = _summed(part, [*m2[:2], *m1])
     m2_alpha, m1 = both[:2], both[2:]
     d_alpha = tuple(
-        # mutant lfm-darts-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
-        # mutant lfm-darts-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
+        # mutant lfm-darts-w1-term-sign: `+ m1_` -> `- m1_` | hypergradients:lfm_darts-
+        # mutant lfm-darts-u-term-dropped: ` + du` -> `` | hypergradients:lfm_darts-
         d0 + m2_ + du + m1_
         for d0, m2_, du, m1_ in zip(d_direct, m2_alpha, d_u_alpha, m1, strict=True)
     )
@@ -452,7 +452,7 @@ def lfm_nas_grad_shared(
     # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
     f_trl = f_tr.requires_grad_(True)
     # mutant lfm-authors-shared-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
-    #   | nas_hypergrad:authors
+    #   | hypergradients:authors-
     f_val2 = body(wd, xv, a_ if u_alpha else a_d, "val")[0]
     a2 = u_and_a(f_trl, f_val2, rl)[0]
     back = _grads_or_zeros(a2, [*a_, rl, f_trl], grad_outputs=d_a)
@@ -464,7 +464,8 @@ def lfm_nas_grad_shared(
     shares = _summed(part, [*m2[:2], *back[:2], back[2], *d_tr])
     m_2, d_v, d_r, d_t = shares[:2], shares[2:4], shares[4], shares[5:]
     d_alpha = tuple(
-        # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> `` | nas_hypergrad:shared
+        # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> ``
+        #   | hypergradients:lfm_darts_shared
         d0 + m + dv + dt
         for d0, m, dv, dt in zip(d_direct, m_2, d_v, d_t, strict=True)
     )
