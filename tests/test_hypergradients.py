@@ -612,7 +612,10 @@ def authors_full(backend, smooth, fd_scale, tol):
     out = [*alpha_cmps(got.alphas, ref_a, tol), Cmp("r (same in both forms)", got.r, ref_r, tol)]
     if backend == "exact":  # the du/dalpha term is small (relative 1e-4 here): beyond fd's tol
         paper = lfm_nas_grad(*args, fd_scale=fd_scale).alphas
-        out += [c._replace(tol=10 * tol, differ=True) for c in alpha_cmps(got.alphas, paper, tol)]
+        out += [
+            c._replace(tol=10 * tol, differ=True)
+            for c in alpha_cmps(got.alphas, paper, tol, "paper's alpha")
+        ]
     return out
 
 
@@ -622,13 +625,16 @@ def authors_shared(backend, tol):
     ref_a, ref_r = _lfm_shared_reference(net, w, alphas, r, sgd, train, val, u_alpha=False)
     got = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, backend, u_alpha=False)
     paper = lfm_nas_grad_shared(net, w, alphas, r, train, val, sgd, backend).alphas
-    differ = [c._replace(tol=1e-5, differ=True) for c in alpha_cmps(got.alphas, paper, tol)]
+    differ = [
+        c._replace(tol=1e-5, differ=True)
+        for c in alpha_cmps(got.alphas, paper, tol, "paper's alpha")
+    ]
     return [*alpha_cmps(got.alphas, ref_a, tol), Cmp("r", got.r, ref_r, tol), *differ]
 
 
 # ------------------------------------------------------------------ the one case table and test
 
-# (backend, smooth, fd_scale, tol, dropout, clip) -> an id suffix
+# id suffix -> (backend, smooth, fd_scale, tol, dropout, clip)
 DARTS_CASES = {
     "exact": ("exact", False, 0.01, 1e-6, 0.0, None),
     "fd-smooth": ("fd", True, 0.01, 1e-3, 0.0, None),
