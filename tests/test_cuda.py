@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_dr_hypergradients_on_cuda_equal_the_cpu_ones():
-    from test_engine_hypergrad import Net, data, make_sgd
+    from test_hypergradients import Net, data, make_sgd
     from torch import nn
 
     from lfm.engine.trilevel import IterOptions, Learner, iteration

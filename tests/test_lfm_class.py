@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_engine_hypergrad import C, Net, data, make_sgd, reference, rel
+from test_hypergradients import C, Net, data, make_sgd, reference, rel
 from torch import nn
 
 from lfm.config import RunConfig

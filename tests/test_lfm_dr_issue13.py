@@ -1,8 +1,8 @@
 """Issue 13's candidate reweightings and the held-out selection split.
 
 The candidates' hypergradients are checked against the unrolled graph with the other cases in
-`test_engine_hypergrad.py` (`w1-val-a-norm`, `w1-val-a-norm-b-norm`; b_warmup only freezes b,
-so its hypergradient is `w1-val-a-norm-b-norm`'s, and `w1-val-a-norm-slow-b` differs from
+`test_hypergradients.py` (`dr-w1-val-a-norm`, `dr-w1-val-a-norm-b-norm`; b_warmup only freezes
+b, so its hypergradient is `w1-val-a-norm-b-norm`'s, and `w1-val-a-norm-slow-b` differs from
 `w1-val-a-norm` only in b's learning rate). Here: each candidate does what its name says
 (a / mean(a) in stage 2, b held during the warm-up), learns on digits with 40% flipped labels,
 and the selection split is clean, balanced and outside everything a method trains on.

@@ -92,7 +92,7 @@ def loss_fd(
     with torch.autocast(device_type=dev, enabled=False):
         lp = losses(module, {k: p[k] + eps * d[k] for k in p}, buffers, xx, y)
         lm = losses(module, {k: p[k] - eps * d[k] for k in p}, buffers, xx, y)
-    # mutant fd-difference-sign: `(lp - lm)` -> `(lm - lp)` | engine_hypergrad
+    # mutant fd-difference-sign: `(lp - lm)` -> `(lm - lp)` | hypergradients:fd
     return (lp - lm) / (2 * eps)
 
 
@@ -137,7 +137,7 @@ def mixed_fd(
         if gp is None:
             out.append(torch.zeros_like(t))
         else:
-            # mutant mixed-fd-difference-sign: `(gp - gm)` -> `(gm - gp)` | engine_hypergrad
+            # mutant mixed-fd-difference-sign: `(gp - gm)` -> `(gm - gp)` | hypergradients:fd
             out.append((gp - gm) / (2 * eps))
     return tuple(out)
 

@@ -272,7 +272,7 @@ def learn(
         w = torch.ones_like(l1)
     else:  # (n,), normalised over the global batch
         w = part.local(upper.weigh(upper.value.detach()))
-    # mutant w1-ignores-b: `w * l1` -> `l1` | engine_hypergrad behaviour:mislabelled
+    # mutant w1-ignores-b: `w * l1` -> `l1` | hypergradients:dr- behaviour:mislabelled
     L1 = part.mean(w * l1)
     grads, L1 = _summed(torch.autograd.grad(L1, list(leaf.values())), L1, part)
     g1 = dict(zip(leaf, grads, strict=True))
@@ -313,7 +313,7 @@ def relearn(
     upper = upper or Upper()
     p1_leaf = leaves(p1_new) if u_grad else {k: v.detach() for k, v in p1_new.items()}
     # mutant arch-authors-u-sees-arch: `u_grad and upper.arch_in_u` -> `u_grad`
-    #   | nas_hypergrad:authors
+    #   | hypergradients:authors-
     u_sees_arch = u_grad and upper.arch_in_u
     arch_u = upper.arch_tensors(leaf=u_sees_arch)
     with _on(w1, "val", part):  # (m0,), virtual pass
@@ -341,7 +341,7 @@ def relearn(
         l2 = losses(
             w2.module, leaf, w2.buffers() | upper.arch_tensors(), x2_tr, y_tr, update_stats=True
         )
-    # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | engine_hypergrad behaviour:mislabelled
+    # mutant w2-ignores-a: `a.detach() * l2` -> `l2` | hypergradients:dr- behaviour:mislabelled
     L2 = part.mean(a.detach() * l2)
     grads, L2 = _summed(torch.autograd.grad(L2, list(leaf.values())), L2, part)
     g2 = dict(zip(leaf, grads, strict=True))
@@ -413,7 +413,7 @@ def validate(
     else:
         # dL/da_i = 1/n * (J2^T g_val) . grad l_i(W2)
         with _on(w2, "train", part):
-            # mutant da-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+            # mutant da-sign: `) / n` -> `) / -n` | hypergradients:dr- behaviour:b_r_and_v
             dL_da = hyper(w2.module, s2.p2, w2.buffers(), s2.x2_tr, y_tr, s2.pull2(g_val)) / n
 
     path = B_PATHS[opts.b_path]
@@ -424,7 +424,7 @@ def validate(
     own_val_here = own_val and (not part.split or distributed.is_main())
     if own_val_here and path.w1_val == "added":
         # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(s2.u).mean()` -> ``
-        #   | engine_hypergrad behaviour:b_r_and_v
+        #   | hypergradients:dr- behaviour:b_r_and_v
         objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
     if path.w1_val == "alone" and through_u:
@@ -491,7 +491,7 @@ def validate(
             dL_dw = directional("fd")(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, h) / n
         else:
             # dL/dw_i = 1/n * (J1^T h) . grad l_i(W1)
-            # mutant dw-sign: `) / n` -> `) / -n` | engine_hypergrad behaviour:b_r_and_v
+            # mutant dw-sign: `) / n` -> `) / -n` | hypergradients:dr- behaviour:b_r_and_v
             dL_dw = hyper(w1.module, s1.p1, w1.buffers(), x_tr, y_tr, s1.pull1(h)) / n  # (n,)
         dL_dw = part.gather(_wide(dL_dw))  # the global batch's, on every rank
         upper = _upper(b, opts)
@@ -546,8 +546,8 @@ def _arch_grad(
         shares = distributed.all_reduce_sum(shares)
     k = len(arch)
     return tuple(
-        # mutant arch-w1-term-sign: `+ m1_` -> `- m1_` | nas_hypergrad:lfm_darts_matches
-        # mutant arch-u-term-dropped: ` + du` -> `` | nas_hypergrad:lfm_darts_matches
+        # mutant arch-w1-term-sign: `+ m1_` -> `- m1_` | hypergradients:lfm_darts-
+        # mutant arch-u-term-dropped: ` + du` -> `` | hypergradients:lfm_darts-
         d0 + m2_ + du + m1_
         for d0, m2_, du, m1_ in zip(d_direct, shares[:k], d_u, shares[k:], strict=True)
     )

@@ -174,7 +174,7 @@ def darts_alpha_grad(
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
     mixed = _summed(part, mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale))
-    # mutant darts-mixed-term-sign: `d + m` -> `d - m` | nas_hypergrad:darts_second
+    # mutant darts-mixed-term-sign: `d + m` -> `d - m` | hypergradients:darts_second
     d = tuple(d + m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
 
@@ -410,7 +410,7 @@ def lfm_nas_grad_shared(
     # as a leaf, so this backward also returns the seam gradient dL/df_tr (through H1')
     f_trl = f_tr.requires_grad_(True)
     # mutant lfm-authors-shared-u-sees-alpha: `a_ if u_alpha else a_d` -> `a_`
-    #   | nas_hypergrad:authors
+    #   | hypergradients:authors-
     f_val2 = body(wd, xv, a_ if u_alpha else a_d, "val")[0]
     a2 = u_and_a(f_trl, f_val2, rl)[0]
     back = _grads_or_zeros(a2, [*a_, rl, f_trl], grad_outputs=d_a)
@@ -422,7 +422,8 @@ def lfm_nas_grad_shared(
     shares = _summed(part, [*m2[:2], *back[:2], back[2], *d_tr])
     m_2, d_v, d_r, d_t = shares[:2], shares[2:4], shares[4], shares[5:]
     d_alpha = tuple(
-        # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> `` | nas_hypergrad:shared
+        # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> ``
+        #   | hypergradients:lfm_darts_shared
         d0 + m + dv + dt
         for d0, m, dv, dt in zip(d_direct, m_2, d_v, d_t, strict=True)
     )

@@ -35,13 +35,13 @@ def similarity(e_tr: Tensor, e_val: Tensor, kind: str = "dot") -> Tensor:
 
 def attention(e_tr: Tensor, e_val: Tensor, kind: str = "dot", temperature: float = 1.0) -> Tensor:
     """x = softmax over validation examples of similarity / temperature, (n, m); rows sum to 1."""
-    # mutant attention-wrong-axis: `dim=1` -> `dim=0` | reweight engine_hypergrad
+    # mutant attention-wrong-axis: `dim=1` -> `dim=0` | reweight hypergradients:dr-
     return torch.softmax(similarity(e_tr, e_val, kind) / temperature, dim=1)
 
 
 def label_match(y_tr: Tensor, y_val: Tensor) -> Tensor:
     """z_ij = 1[y_i == y_j] as floats, (n, m)."""
-    # mutant z-inverted: `==` -> `!=` | reweight engine_hypergrad
+    # mutant z-inverted: `==` -> `!=` | reweight hypergradients:dr-
     return (y_tr[:, None] == y_val[None, :]).float()
 
 
@@ -63,13 +63,13 @@ def reweight(
     prod = r[None, :]  # (1, m)
     prod = prod * (x if x is not None else torch.full_like(r, 1.0 / m)[None, :])
     if z is not None:
-        # mutant a-drops-z: ` * z.to(r.dtype)` -> `` | reweight engine_hypergrad
+        # mutant a-drops-z: ` * z.to(r.dtype)` -> `` | reweight hypergradients:dr-
         prod = prod * z.to(r.dtype)
     if u is not None:
-        # mutant a-drops-u: ` * u[None, :]` -> `` | reweight engine_hypergrad
+        # mutant a-drops-u: ` * u[None, :]` -> `` | reweight hypergradients:dr-
         prod = prod * u[None, :]
     a = torch.sigmoid(prod.sum(1))  # (n,)
-    # mutant a-norm-by-sum: `a / a.mean()` -> `a / a.sum()` | reweight engine_hypergrad
+    # mutant a-norm-by-sum: `a / a.mean()` -> `a / a.sum()` | reweight hypergradients:dr-
     return a / a.mean() if normalise else a
 
 
