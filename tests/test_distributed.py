@@ -87,6 +87,49 @@ def _max_diff(a, b) -> float:
     )
 
 
+def two_nodes(args: list[str], node0: Path, node1: Path) -> None:
+    """`lfm ARGS` on two torchrun "nodes" of one process each (a static localhost rendezvous),
+    node r writing to --out node<r>; both must succeed and node 1's folder must stay empty."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "lfm",
+                *args,
+                "--out",
+                str(out),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank, out in ((0, node0), (1, node1))
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert not node1.exists() or not any(node1.rglob("*")), sorted(node1.rglob("*"))
+
+
 def _last_logs(run_dir: Path) -> dict[str, float]:
     import json
 
@@ -213,7 +256,6 @@ def test_two_nodes_learn_what_one_process_does_and_only_rank_0_writes(tmp_path):
     """The multi-node path: two torchrun "nodes" on this machine (one process each, a static
     localhost rendezvous) train `lfm dr` to what one process trains, within 1e-5. Node 1 is
     given its own --out, as a second machine would have: it must stay untouched."""
-    import socket
 
     args = [a for a in ARGS if a not in ("--compare", "ce,l2rw,mwnet")] + ["--max-steps", "3"]
     one, node0, node1 = tmp_path / "one", tmp_path / "node0", tmp_path / "node1"
@@ -222,42 +264,7 @@ def test_two_nodes_learn_what_one_process_does_and_only_rank_0_writes(tmp_path):
         env=_env(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                "-m",
-                "lfm",
-                *args,
-                "--out",
-                str(out),
-            ],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank, out in ((0, node0), (1, node1))
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert not node1.exists() or not any(node1.rglob("*")), sorted(node1.rglob("*"))
+    two_nodes(args, node0, node1)
     for method in ("lfm",):
         s1, a1 = _final(one / method)
         s2, a2 = _final(node0 / method)

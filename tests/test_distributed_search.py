@@ -25,14 +25,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from test_distributed import _env, _max_diff
+from test_distributed import _env, _max_diff, two_nodes
 
 from lfm.train.checkpoint import CheckpointDir, safe_load
 
@@ -171,40 +170,7 @@ def test_search_on_two_nodes_is_one_process_and_only_rank_0_writes(tmp_path):
     args[args.index("lfm-darts")] = "darts"
     one, node0, node1 = tmp_path / "one", tmp_path / "node0", tmp_path / "node1"
     _lfm(args, one)
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [
-                *TORCHRUN,
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                "-m",
-                "lfm",
-                *args,
-                "--out",
-                str(out),
-            ],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank, out in ((0, node0), (1, node1))
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert not node1.exists() or not any(node1.rglob("*")), sorted(node1.rglob("*"))
+    two_nodes(args, node0, node1)
     a = _last_state(one / "checkpoints" / "search")
     b = _last_state(node0 / "checkpoints" / "search")
     assert int(a["step"]) == int(b["step"]) == 2

@@ -243,6 +243,10 @@ CASES = {
     "head-encoder": dict(head=True),
     "shared": dict(shared=True, sgd="momentum-wd"),
     "own-loss": dict(loss=smoothed, sgd="momentum-wd", opts=dict(b_path="w2+w1val")),
+    # u and a rebuilt in stage 3 instead of held (LFM-DARTS's memory setting), on every term
+    "u-rebuilt": dict(
+        sgd="momentum-wd", bank=True, opts=dict(b_path="w2+w1val", hold_u_graph=False)
+    ),
 }
 
 

@@ -1,4 +1,9 @@
-"""One iteration of Algorithm 1 for LFM data reweighting, as three stage functions.
+"""One iteration of Algorithm 1, as three stage functions, for both applications.
+
+The upper variable B (`Upper`) is either per-example weights on stage 1's losses (LFM data
+reweighting's b; `lfm-class`'s per-class weights) or tensors inside the networks (NAS's
+architecture alpha, read by the learners' modules by name); the stages below are written for
+the first, and the second differs where noted at the end.
 
     learn    (stage 1)  L1 = mean_i w(b_i) l_i(W1)          W1' = step1(W1, grad L1)
     relearn  (stage 2)  u_j = CE(f(d_j; W1'), y_j)
@@ -44,6 +49,19 @@ summed over ranks before the virtual steps, so W1', W2' are identical everywhere
 training examples (dL/dr, dL/dV, h = dL/dW1') are summed over ranks; dL/dw is gathered into the
 global batch, and dL/db (n,) is computed from it on every rank, identically. `a-normalised`
 divides by the global batch mean of a (an all-reduce with gradient).
+
+B inside the networks (`Upper.arch`, LFM-DARTS): every pass reads alpha; stage 1 is
+unweighted (w = 1); u reads alpha with its graph (or a constant copy: the authors' form);
+dL/da and the W2' term come from one mixed pass over (alpha, a), and
+
+    dL/dalpha = grad_alpha L_val(W2')                              (direct)
+              + grad_alpha <grad_W2 L2(W2, alpha, a), J2^T g2>      (through W2')
+              + (dL/da)(da/du)(du/dalpha)                           (through u, one backward)
+              + grad_alpha <grad_W1 L1(W1, alpha), J1^T h>          (through W1')
+
+with the mixed derivatives by `lfm.engine.hypergrad.mixed_grad` (exact or fd). Learners may
+carry weights of their own (two weight sets of one supernet) and a context for their passes
+over each batch (the same dropout masks on every pass, `lfm.nas.hypergrad.SameMasks`).
 
 Precision: under bf16 autocast the learners' passes run in bf16; a (the attention, z, u, r
 product) is computed in fp32, and every loss, jvp output and hypergradient accumulates in fp32.
@@ -171,6 +189,10 @@ class IterOptions:
     b_path: str = "w2"  # a name in B_PATHS
     w1_val_weight: float = 1.0  # lam of the w2+w1val path
     own_grad_clip: float = 5.0  # norm clip of W1's own gradient (own-grad, authors paths)
+    # False: u and a are recomputed with their graphs in stage 3 instead of being held through
+    # stage 2's passes: one more pass over the validation batch at W1' (and the encoder's), for
+    # a peak memory of one pass (LFM-DARTS's supernets, where that graph is a whole forward)
+    hold_u_graph: bool = True
 
 
 @dataclass
@@ -193,6 +215,8 @@ class Stage2:
 
     p1_leaf: Params  # W1' as autograd leaves (u's graph hangs from them)
     arch_u: Params  # arch as the leaves u's graph hangs from (empty: u sees no arch graph)
+    mistakes: Callable[[], tuple[Tensor, Tensor]] | None  # (u, a) again, with graphs, when the
+    # iteration did not hold them (IterOptions.hold_u_graph False)
     u: Tensor  # (m,) with graph to W1'
     a: Tensor  # (n,) with graph to V, r, u
     p2: Params  # W2 before the step
@@ -316,23 +340,33 @@ def relearn(
     #   | hypergradients:authors-
     u_sees_arch = u_grad and upper.arch_in_u
     arch_u = upper.arch_tensors(leaf=u_sees_arch)
-    with _on(w1, "val", part):  # (m0,), virtual pass
-        u = losses(w1.module, p1_leaf, w1.buffers() | arch_u, x_val, y_val)
-    e_tr, e_val = embed(p1_new)  # (n, K), (m0, K)
-    yv, uu = y_val, u
-    if bank is not None:
-        e_val = torch.cat([e_val, bank[0]])  # (m, K)
-        yv = torch.cat([y_val, bank[1]])
-        uu = torch.cat([u, bank[2].to(u.dtype)])
-    dev = e_tr.device.type if e_tr.device.type in ("cuda", "cpu") else "cpu"
-    with torch.autocast(device_type=dev, enabled=False):  # a is small: always fp32
-        e_tr, e_val, uu = _wide(e_tr), _wide(e_val), _wide(uu)
-        x = attention(e_tr, e_val, opts.similarity, opts.temperature) if opts.use_x else None
-        z = label_match(y_tr, yv) if opts.use_z else None
-        local_norm = opts.a_norm and not part.split
-        a = reweight(x, z, uu if opts.use_u else None, r, normalise=local_norm)  # (n,)
-        if opts.a_norm and part.split:  # a / mean over the GLOBAL batch, with gradient
-            a = a / (distributed.differentiable_sum(a.sum()) / part.total)
+
+    def mistakes() -> tuple[Tensor, Tensor]:
+        """u (m0,) on the validation batch at W1' and the weights a (n,), with their graphs."""
+        with _on(w1, "val", part):  # (m0,), virtual pass
+            u = losses(w1.module, p1_leaf, w1.buffers() | arch_u, x_val, y_val)
+        e_tr, e_val = embed(p1_new)  # (n, K), (m0, K)
+        yv, uu = y_val, u
+        if bank is not None:
+            e_val = torch.cat([e_val, bank[0]])  # (m, K)
+            yv = torch.cat([y_val, bank[1]])
+            uu = torch.cat([u, bank[2].to(u.dtype)])
+        dev = e_tr.device.type if e_tr.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type=dev, enabled=False):  # a is small: always fp32
+            e_tr, e_val, uu = _wide(e_tr), _wide(e_val), _wide(uu)
+            x = attention(e_tr, e_val, opts.similarity, opts.temperature) if opts.use_x else None
+            z = label_match(y_tr, yv) if opts.use_z else None
+            local_norm = opts.a_norm and not part.split
+            a = reweight(x, z, uu if opts.use_u else None, r, normalise=local_norm)  # (n,)
+            if opts.a_norm and part.split:  # a / mean over the GLOBAL batch, with gradient
+                a = a / (distributed.differentiable_sum(a.sum()) / part.total)
+        return u, a
+
+    if opts.hold_u_graph:
+        u, a = mistakes()
+    else:  # values now; stage 3 rebuilds the graph (`Stage2.mistakes`)
+        with torch.no_grad():
+            u, a = mistakes()
 
     x2_tr, x2_val = (x_tr, x_val) if w2_inputs is None else w2_inputs(p1_new)
     p2 = w2.params()
@@ -349,6 +383,7 @@ def relearn(
     return Stage2(
         p1_leaf,
         arch_u if u_sees_arch else {},
+        None if opts.hold_u_graph else mistakes,
         u,
         a,
         p2,
@@ -418,14 +453,16 @@ def validate(
 
     path = B_PATHS[opts.b_path]
     through_u = s1 is not None and b is not None and path.u_graph
-    objective = (_wide(s2.a) * _wide(dL_da)).sum()
+    # u and a with their graphs (held by stage 2, or rebuilt now: IterOptions.hold_u_graph)
+    u_g, a_g = (s2.u, s2.a) if s2.mistakes is None else s2.mistakes()
+    objective = (_wide(a_g) * _wide(dL_da)).sum()
     # + lam * L_val(W1'): the same on every rank, so counted on one only
     own_val = through_u and path.w1_val != "none"
     own_val_here = own_val and (not part.split or distributed.is_main())
     if own_val_here and path.w1_val == "added":
-        # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(s2.u).mean()` -> ``
+        # mutant w1val-term-dropped: ` + opts.w1_val_weight * _wide(u_g).mean()` -> ``
         #   | hypergradients:dr- behaviour:b_r_and_v
-        objective = objective + opts.w1_val_weight * _wide(s2.u).mean()
+        objective = objective + opts.w1_val_weight * _wide(u_g).mean()
     p1_leaves = list(s2.p1_leaf.values()) if through_u else []
     if path.w1_val == "alone" and through_u:
         # V and r answer to L_val(W2') as in the paper; h comes from L_val(W1') alone
@@ -434,7 +471,7 @@ def validate(
         )
         if own_val_here:
             h_own = torch.autograd.grad(
-                opts.w1_val_weight * _wide(s2.u).mean(), p1_leaves, allow_unused=True
+                opts.w1_val_weight * _wide(u_g).mean(), p1_leaves, allow_unused=True
             )
             grads += [
                 torch.zeros_like(p) if g is None else g

@@ -22,12 +22,18 @@ The DARTS second-order alpha gradient (eq. 7), with J the step's Jacobian in g:
 The step's momentum buffer and weight decay do not depend on alpha, so they change w' but add
 no term. LFM-DARTS's W1' and W2' are the learners' real steps (the search commits them).
 
+LFM-DARTS with two learners (`lfm_nas_grad`) is the engine's trilevel iteration itself, with
+alpha as the upper variable inside the networks (`lfm.engine.trilevel.Upper.arch`). What stays
+here: DARTS's bilevel gradient, and the parameter-sharing form (`lfm_nas_grad_shared`), whose
+stage 1 unrolls one head on a shared body and whose u term is back-propagated from a
+recomputation one batch at a time to keep memory at one body pass.
+
 Under torchrun (`part` split) every process holds the whole global training batch and the whole
 validation batch and runs the supernet on its own rows of the training batch only: each
 training loss is the process's share of the global mean (`Part.mean`, BatchNorm over the
 global batch through `lfm.models.split.rows`), and the gradients and mixed derivatives that
-come from it are summed over processes (`_summed`). Passes over the validation batch, the
-encoder and the weights a run whole on every process and agree without communication.
+come from it are summed over processes (`_summed`). Passes over the validation batch and the
+encoder run whole on every process and agree without communication.
 """
 
 from __future__ import annotations
@@ -276,7 +282,9 @@ def lfm_nas_grad(
         r.detach().requires_grad_(True),
         embed,
         list(encl.values()),
-        IterOptions(backend=backend, similarity=similarity, fd_scale=fd_scale),
+        # u's graph rebuilt in stage 3: a supernet forward held through stage 2 would double
+        # the step's peak memory (measured, benchmarks/bench_nas_step.py)
+        IterOptions(backend=backend, similarity=similarity, fd_scale=fd_scale, hold_u_graph=False),
         step1.lr,
         step2.lr,
         part=part,
