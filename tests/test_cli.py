@@ -137,3 +137,19 @@ def test_the_renamed_hvp_flag_names_its_new_name(capsys):
     """`lfm search --hvp fd` (the flag before issue 11) says what to pass instead."""
     assert main(["search", "--hvp", "fd"]) == 2
     assert "--hvp was renamed --backend. Fix: pass --backend fd" in capsys.readouterr().err
+
+
+def test_a_search_in_the_1d_space_writes_its_cell_and_the_table_knows_it(tmp_path, capsys):
+    """`--set space=cell1d` ends in an arch string, not a DARTS genotype: arch.json holds it
+    (the search crashed on writing genotype.json) and `lfm nasbench query` reads it back."""
+    import json
+
+    argv = ["search", "--dataset", "mnist1d", "--set", "space=cell1d", "--set",
+            "encoder_model=cnn1d", "--method", "darts", "--order", "1", "--epochs", "1",
+            "--steps-per-epoch", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    arch = json.loads((tmp_path / "arch.json").read_text())
+    assert arch["space"] == "cell1d" and not (tmp_path / "genotype.json").exists()
+    capsys.readouterr()
+    assert main(["nasbench", "query", arch["arch"]]) == 0
+    assert arch["arch"] in capsys.readouterr().out

@@ -74,7 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default="search-out",
-        help="folder for genotype.json, genotype.png, search.json and per-epoch checkpoints "
+        help="folder for genotype.json and genotype.png (arch.json in the 1-D space), search.json "
+        "and per-epoch checkpoints "
         "(a run with the same settings continues from them)",
     )
     add_run_flags(p)
@@ -119,8 +120,14 @@ def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
     if not distributed.is_main():  # under torchrun rank 0 alone writes and prints
         return
     out.mkdir(parents=True, exist_ok=True)
-    result.genotype.save(out / "genotype.json")
-    plot_genotype(result.genotype, out / "genotype.png")
+    cell1d = isinstance(result.genotype, str)  # the 1-D space's cells are arch strings
+    if cell1d:
+        written = ["arch.json", "search.json"]
+        write_json(out / "arch.json", {"space": cfg.space, "arch": result.genotype})
+    else:
+        written = ["genotype.json", "genotype.png", "search.json"]
+        result.genotype.save(out / "genotype.json")
+        plot_genotype(result.genotype, out / "genotype.png")
     write_json(
         out / "search.json",
         {
@@ -132,13 +139,17 @@ def _search_and_save(args: argparse.Namespace, cfg: Any, out: Path) -> None:
         },
         default=str,
     )
-    print(f"genotype ({cfg.method}):")
-    print(f"  normal: {result.genotype.normal}")
-    print(f"  reduce: {result.genotype.reduce}")
+    if cell1d:
+        print(f"cell ({cfg.method}): {result.genotype}")
+        print(f"  its trained accuracy: lfm nasbench query '{result.genotype}'")
+    else:
+        print(f"genotype ({cfg.method}):")
+        print(f"  normal: {result.genotype.normal}")
+        print(f"  reduce: {result.genotype.reduce}")
     if result.history:
         last = result.history[-1]
         print(
             "  last epoch: "
             + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
         )
-    print(f"written: {out}/genotype.json, {out}/genotype.png, {out}/search.json")
+    print("written: " + ", ".join(f"{out / name}" for name in written))
