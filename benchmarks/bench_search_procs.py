@@ -33,7 +33,7 @@ def _run(procs: int, out: Path, args: argparse.Namespace) -> dict:
         "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch", str(args.steps),
         "--set", "warmup_epochs=0", "--device", args.device, "--no-progress", "--out", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -45,7 +45,7 @@ def _run(procs: int, out: Path, args: argparse.Namespace) -> dict:
     return {"sec": timing["sec_per_iter"], "alphas": learners["alphas"], "r": learners.get("r")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="lfm-darts")
     ap.add_argument("--procs", type=int, default=2, help="the split run's process count")
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="global batch (divisible by procs)")
     ap.add_argument("--steps", type=int, default=3, help="steps per epoch (2 epochs)")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=1, help="threads per process on a CPU")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {p: _run(p, Path(tmp) / f"p{p}", args) for p in (1, args.procs)}
     one = runs[1]
@@ -62,10 +63,15 @@ def main() -> None:
           f"global batch {args.batch}, {2 * args.steps} steps, {args.device}")  # fmt: skip
     print("| processes | s/step | ratio to 1 | max abs diff alphas | max abs diff r |")
     print("|---|---|---|---|---|")
+    rows = []
     for p, r in runs.items():
-        da = max(float((a - b).abs().max()) for a, b in zip(r["alphas"], one["alphas"]))
+        pairs = zip(r["alphas"], one["alphas"], strict=True)
+        da = max(float((a - b).abs().max()) for a, b in pairs)
         dr = float((r["r"] - one["r"]).abs().max()) if r["r"] is not None else float("nan")
         print(f"| {p} | {r['sec']:.3f} | {r['sec'] / one['sec']:.2f} | {da:.2g} | {dr:.2g} |")
+        rows.append({"procs": p, "sec": r["sec"], "ratio": r["sec"] / one["sec"], "alphas": da,
+                     "r": dr})  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

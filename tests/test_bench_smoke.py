@@ -51,3 +51,13 @@ def test_bench_streaming_runs_small(capsys):
     assert all(r["data_eps"] > 0 and r["step_eps"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "peak RSS growth" in out and "examples/s, data only" in out
+
+
+def test_bench_search_procs_runs_small(capsys):
+    """One search in one process and split over two (torchrun), the smallest supernet."""
+    argv = ["--layers", "1", "--C", "2", "--batch", "8", "--steps", "1"]
+    rows = _run("bench_search_procs", argv)
+    assert [r["procs"] for r in rows] == [1, 2] and rows[0]["ratio"] == 1.0
+    assert all(r["sec"] > 0 for r in rows)
+    assert rows[1]["alphas"] < 1e-5 and rows[1]["r"] < 1e-5  # what one process learns
+    assert "ratio to 1" in capsys.readouterr().out
