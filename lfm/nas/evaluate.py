@@ -168,11 +168,7 @@ class EvalMethod(Method):
         # mutant evaluate-grads-not-summed: `if part.split:` -> `if False:`
         #   | distributed_search:evaluate
         if part.split:
-            ps = [p for p in self.model.parameters() if p.grad is not None]
-            *grads, loss_, correct_ = distributed.all_reduce_sum([p.grad for p in ps] + shown)
-            for p, g in zip(ps, grads, strict=True):
-                p.grad = g
-            shown = [loss_, correct_]
+            shown = distributed.sum_grads(self.model.parameters(), shown)
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         # mutant evaluate-step-dropped: drop | nas_search:evaluate
         self.opt.step()

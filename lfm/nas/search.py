@@ -54,7 +54,7 @@ from lfm.nas.supernet import Supernet, batch_stats_only, image_input
 from lfm.nas.supernet1d import Supernet1d, derive_arch
 from lfm.registry import Registry
 from lfm.train import distributed
-from lfm.train.distributed import Part, all_reduce_sum
+from lfm.train.distributed import Part
 
 ENCODERS = ("full", "shared")
 # darts: the DARTS space (8 ops, 14-edge normal and reduction cells, a Genotype);
@@ -418,11 +418,7 @@ class _Learners:
         # mutant search-warmup-grads-not-summed: `if part.split:` -> `if False:`
         #   | distributed_search:nodes
         if part.split:  # the global batch's gradients and logged values
-            ps = [p for n, _ in nets for p in n.parameters() if p.grad is not None]
-            *grads, loss_, acc = all_reduce_sum([p.grad for p in ps] + shown)
-            for p, g in zip(ps, grads, strict=True):
-                p.grad = g
-            shown = [loss_, acc]
+            shown = distributed.sum_grads((p for n, _ in nets for p in n.parameters()), shown)
         for net, opt in nets:
             nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
             # mutant darts-weight-step-skipped: drop | behaviour:search_step

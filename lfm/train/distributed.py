@@ -121,6 +121,16 @@ def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def sum_grads(params: Iterable[Tensor], extras: list[Tensor]) -> list[Tensor]:
+    """Replace each parameter's .grad by its sum over ranks, summing `extras` (logged values of
+    this rank's share) in the same all-reduce; returns the summed extras."""
+    ps = [p for p in params if p.grad is not None]
+    grads = all_reduce_sum([p.grad for p in ps] + list(extras))
+    for p, g in zip(ps, grads[: len(ps)], strict=True):
+        p.grad = g
+    return grads[len(ps) :]
+
+
 def all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
     """Means over ranks of `tensors` (one flattened buffer)."""
     if not active():
