@@ -262,9 +262,7 @@ def _wide(t: Tensor) -> Tensor:
 
 def _summed(grads: tuple[Tensor, ...], loss: Tensor, part: Part) -> tuple[list[Tensor], Tensor]:
     """Gradients and loss of this rank's share, summed over ranks (the global batch mean's)."""
-    if not part.split:
-        return list(grads), loss
-    *out, total = distributed.all_reduce_sum([*grads, loss.detach()])
+    *out, total = part.summed([*grads, loss.detach()])
     return out, total
 
 
@@ -565,11 +563,10 @@ def _arch_grad(
         k: torch.zeros_like(v) if g is None else g
         for (k, v), g in zip(s2.p1_leaf.items(), grads[nv + 1 : nv + 1 + n1], strict=True)
     }
+    tail = grads[nv + 1 + n1 :] or [None] * len(arch)  # none: u saw a copy of arch
     d_u = [
-        torch.zeros_like(v) if g is None else g
-        for v, g in zip(arch.values(), grads[nv + 1 + n1 :], strict=False)
+        torch.zeros_like(v) if g is None else g for v, g in zip(arch.values(), tail, strict=True)
     ]
-    d_u += [torch.zeros_like(v) for v in list(arch.values())[len(d_u) :]]  # u saw a copy
     names = list(arch)
 
     def f1(ww: Params, bb: tuple[Tensor, ...]) -> Tensor:
@@ -579,8 +576,7 @@ def _arch_grad(
 
     m1 = mixed_grad(f1, s1.p1, tuple(arch.values()), s1.pull1(h), opts.backend, opts.fd_scale)
     shares = [*m2_arch, *m1]  # each rank's rows' share: summed over ranks
-    if part.split:
-        shares = distributed.all_reduce_sum(shares)
+    shares = part.summed(shares)
     k = len(arch)
     return tuple(
         # mutant arch-w1-term-sign: `+ m1_` -> `- m1_` | hypergradients:lfm_darts-

@@ -32,7 +32,7 @@ Under torchrun (`part` split) every process holds the whole global training batc
 validation batch and runs the supernet on its own rows of the training batch only: each
 training loss is the process's share of the global mean (`Part.mean`, BatchNorm over the
 global batch through `lfm.models.split.rows`), and the gradients and mixed derivatives that
-come from it are summed over processes (`_summed`). Passes over the validation batch and the
+come from it are summed over processes (`Part.summed`). Passes over the validation batch and the
 encoder run whole on every process and agree without communication.
 """
 
@@ -54,7 +54,7 @@ from lfm.engine.virtual import StepRule, Unrolled, merged
 from lfm.errors import LFMError
 from lfm.models.split import rows
 from lfm.nas.supernet import Alphas, arch_of
-from lfm.train.distributed import Part, all_reduce_sum, differentiable_sum
+from lfm.train.distributed import Part, differentiable_sum
 
 
 class SameMasks:
@@ -97,12 +97,6 @@ def _grads_or_zeros(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor
     """autograd.grad, with zeros for unused inputs (alpha_normal of a net with no normal cell)."""
     gs = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs, strict=True))
-
-
-def _summed(part: Part, ts: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Sums over processes of per-process shares (one all-reduce); as they are when whole."""
-    # mutant nas-shares-not-summed: `if part.split` -> `if False` | distributed_search:pieces
-    return tuple(all_reduce_sum(list(ts))) if part.split else tuple(ts)
 
 
 def _rows_of(part: Part | None, train: tuple[Tensor, Tensor]) -> tuple[Part, Tensor, Tensor]:
@@ -172,14 +166,14 @@ def darts_alpha_grad(
             return part.mean(ce_loss(net, ww, bb, xt, yt, reduction="none"))
 
     g = torch.autograd.grad(train_loss(w0, tuple(t.detach() for t in a)), list(w0.values()))
-    g = _summed(part, g)
+    g = part.summed(g)
     u = step({k: t.detach() for k, t in w0.items()}, dict(zip(w0, g, strict=True)))
     w1 = _detached_leaves(u.params)
     with masks.on("val"):
         lv = ce_loss(net, w1, a, *val)
     grads = _grads_or_zeros(lv, list(a) + list(w1.values()))
     d_alpha, v = grads[:2], dict(zip(w1, grads[2:], strict=True))
-    mixed = _summed(part, mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale))
+    mixed = part.summed(mixed_grad(train_loss, w, a, u.pull(v), backend, fd_scale))
     # mutant darts-mixed-term-sign: `d + m` -> `d - m` | hypergradients:darts_second
     d = tuple(d + m for d, m in zip(d_alpha, mixed, strict=True))
     return DartsGrad(d, float(lv.detach()))
@@ -394,7 +388,7 @@ def lfm_nas_grad_shared(
         a, u, s_h1 = u_and_a(f_tr.detach(), f_val, rl.detach())
     l2 = part.mean(a.detach() * F.cross_entropy(o2, yt, reduction="none"))
     grads = torch.autograd.grad(l1 + l2, [wl[k] for k in k_w2])  # H1's step came from u_and_a
-    *grads, l1 = _summed(part, [*grads, l1.detach()])
+    *grads, l1 = part.summed([*grads, l1.detach()])
     g2 = {k: t.detach() for k, t in zip(k_w2, grads, strict=True)}
     f_tr, l1, a, u = f_tr.detach(), l1.detach(), a.detach(), u.detach()
     del o1, o2, l2, grads, wl  # let pass 1's graph go before the W2' passes
@@ -427,7 +421,7 @@ def lfm_nas_grad_shared(
     f_tr2 = body(wd, xt, a_, "train")[0]
     d_tr = _grads_or_zeros(f_tr2, a_, grad_outputs=back[3])
     # every process holds its rows' share of these (the seam back[3] is its rows' own)
-    shares = _summed(part, [*m2[:2], *back[:2], back[2], *d_tr])
+    shares = part.summed([*m2[:2], *back[:2], back[2], *d_tr])
     m_2, d_v, d_r, d_t = shares[:2], shares[2:4], shares[4], shares[5:]
     d_alpha = tuple(
         # mutant lfm-darts-shared-u-term-dropped: ` + dv + dt` -> ``

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -237,6 +237,13 @@ class Part:
     def local(self, v: Tensor) -> Tensor:
         """This rank's rows of a global-batch vector."""
         return v[self.offset : self.offset + self.size] if self.split else v
+
+    def summed(self, shares: Sequence[Tensor]) -> list[Tensor]:
+        """Sums over ranks of this rank's `shares` of global-batch quantities (gradients of
+        its part of a loss; one all-reduce), or `shares` themselves when the batch is whole."""
+        # mutant shares-not-summed: `if self.split` -> `if False`
+        #   | distributed_search:pieces distributed
+        return all_reduce_sum(list(shares)) if self.split else list(shares)
 
     def gather(self, v: Tensor) -> Tensor:
         """The global-batch vector whose rows are each rank's `v` (zero-filled all-reduce)."""
